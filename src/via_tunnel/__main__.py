@@ -1,0 +1,3 @@
+from via_tunnel.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""``via-tunnel [OPTIONS] IFACE [--] CMD [ARG...]``: the hot path.
+
+Kept free of heavy imports: a warm launch (the group already exists) reads one record,
+writes one PID into ``cgroup.procs`` and execs; pyroute2 and libnftables are imported only
+when a group has to be created. CMD replaces this process (same PID, exit status, signals,
+terminal), so no Python process stays resident per launched program.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass, field
+
+from via_tunnel.errors import (
+    EXIT_CANNOT_EXEC,
+    EXIT_NOT_FOUND,
+    UsageError,
+    ViaTunnelError,
+)
+from via_tunnel.names import validate_ifname
+
+USAGE = "usage: via-tunnel [--gateway ADDR] [--ipv6 auto|tunnel|block] [--debug] IFACE -- CMD [ARG...]"
+IPV6_MODES = ("auto", "tunnel", "block")
+
+
+@dataclass
+class LaunchArgs:
+    iface: str
+    argv: list[str]
+    gateway: str | None = None
+    ipv6: str = "auto"
+    debug: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def parse(args: list[str]) -> LaunchArgs:
+    """Parse the launch form. Options come before IFACE; everything after ``--`` (or after
+    IFACE) belongs to CMD untouched."""
+    gateway: str | None = None
+    ipv6 = "auto"
+    debug = False
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        opt, eq, val = args[i].partition("=")
+        if opt == "--debug" and not eq:
+            debug = True
+            i += 1
+            continue
+        if opt in ("--gateway", "--ipv6"):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UsageError(f"option {opt} needs a value\n{USAGE}")
+                val = args[i + 1]
+                i += 1
+            if opt == "--gateway":
+                gateway = val
+            else:
+                if val not in IPV6_MODES:
+                    raise UsageError(f"--ipv6 must be one of {', '.join(IPV6_MODES)}")
+                ipv6 = val
+            i += 1
+            continue
+        raise UsageError(f"unknown option {args[i]!r}\n{USAGE}")
+    if i >= len(args) or args[i] == "--":
+        raise UsageError(f"missing interface\n{USAGE}")
+    iface = validate_ifname(args[i])
+    rest = args[i + 1:]
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        raise UsageError(f"missing command to run\n{USAGE}")
+    return LaunchArgs(iface=iface, argv=rest, gateway=gateway, ipv6=ipv6, debug=debug)
+
+
+def resolve(cmd: str, path_env: str | None = None) -> str:
+    """Find CMD like execvp would, before anything is changed: 127 not found, 126 not
+    executable (the convention of env, nice and timeout)."""
+    if "/" in cmd:
+        candidates = [cmd]
+    else:
+        path_env = os.environ.get("PATH", os.defpath) if path_env is None else path_env
+        candidates = [os.path.join(d or ".", cmd) for d in path_env.split(":")]
+    denied = None
+    for cand in candidates:
+        try:
+            st = os.stat(cand)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(cand, os.X_OK):
+            return cand
+        denied = denied or cand
+    if denied is not None:
+        raise ViaTunnelError(f"{cmd}: permission denied", EXIT_CANNOT_EXEC)
+    raise ViaTunnelError(f"{cmd}: command not found", EXIT_NOT_FOUND)
+
+
+def run(args: LaunchArgs) -> None:
+    """Put this process into IFACE's group and exec CMD. Returns only by raising."""
+    from via_tunnel import cgroup, state
+    from via_tunnel.settings import Settings
+
+    path = resolve(args.argv[0])
+    if os.geteuid() != 0:
+        raise ViaTunnelError("via-tunnel needs root to change routing (run it with sudo)")
+    settings = Settings.from_env()
+    with state.locked(settings) as lock_fd:
+        rec = state.load(settings, args.iface)
+        if rec is None or not os.path.isdir(rec.cgroup) or (
+            args.gateway is not None and args.gateway != rec.gateway4
+        ):
+            from via_tunnel import lifecycle
+
+            rec = lifecycle.ensure_group(settings, args.iface, gateway=args.gateway,
+                                         ipv6=args.ipv6)  # type: ignore[arg-type]
+        if not state.watcher_alive(settings, args.iface):
+            from via_tunnel import watcher
+
+            watcher.spawn(settings, args.iface, close_fds=(lock_fd,))
+        cgroup.join(rec.cgroup)
+        # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
+    exec_in_place(path, args.argv)
+
+
+def exec_in_place(path: str, argv: list[str]) -> None:
+    """Replace this process with CMD, restoring what Python changed about signals."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(path, argv)
+    except FileNotFoundError:
+        raise ViaTunnelError(f"{argv[0]}: command not found", EXIT_NOT_FOUND) from None
+    except OSError as exc:
+        raise ViaTunnelError(f"{argv[0]}: {exc.strerror}", EXIT_CANNOT_EXEC) from None

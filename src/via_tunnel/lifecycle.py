@@ -1,0 +1,218 @@
+"""The life of a group: create it, let processes join, tear it down when it is empty.
+
+This is the one place that sequences the adapters. The launcher and (later) the daemon both
+call it, always with the global lock held (:func:`via_tunnel.state.locked`), which is what
+makes concurrent starts and exits race-free: a launcher joins a group and a watcher decides
+the group is empty under the same lock.
+
+Ordering guarantees (no moment without routing for a process already in the group):
+* setup: record (intent log) -> cgroup -> routes -> ip rules -> nft elements; the caller
+  joins the cgroup only after all of that succeeded.
+* teardown: only when ``cgroup.events`` says unpopulated; kill the group's remaining
+  sockets (orphaned TCP sockets would otherwise retransmit by the LAN once the rules are
+  gone) -> nft elements -> ip rules and routes -> cgroup -> record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+
+from via_tunnel import cgroup, state, sysctl
+from via_tunnel.errors import KernelError, ViaTunnelError
+from via_tunnel.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements
+from via_tunnel.settings import (
+    MARK_MASK,
+    MAX_SLOT,
+    RULE_PRIORITY,
+    TABLE_BASE,
+    Settings,
+    mark_for_slot,
+)
+from via_tunnel.state import GroupRecord
+
+GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
+
+
+def group_path(settings: Settings, mount: str, iface: str) -> str:
+    return os.path.join(mount, settings.cgroup_subtree, GROUP_PREFIX + iface)
+
+
+def ensure_group(
+    settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto"
+) -> GroupRecord:
+    """Return the active group of ``iface``, creating it if needed. Caller holds the lock.
+
+    On any failure everything this call added is removed again before the error propagates.
+    """
+    rec = state.load(settings, iface)
+    if rec is not None:
+        if os.path.isdir(rec.cgroup):
+            if gateway is not None and rec.gateway4 not in (None, gateway):
+                raise ViaTunnelError(
+                    f"{iface} is already in use with gateway {rec.gateway4}; "
+                    f"--gateway {gateway} would change the routing of running programs"
+                )
+            return rec
+        teardown(settings, rec)  # a stale record from a crash: start clean
+    return _create(settings, iface, gateway=gateway, ipv6=ipv6)
+
+
+def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode) -> GroupRecord:
+    from via_tunnel import netlink
+    from via_tunnel.plan import plan_group
+
+    mount = cgroup.cgroup2_mount()
+    path = group_path(settings, mount, iface)
+    slot = state.free_slot(state.load_all(settings))
+    facts = netlink.link_facts(iface)
+    plan = plan_group(facts, slot=slot, level=cgroup.level_of(path, mount),
+                      cgroup_nft_path=cgroup.nft_path(path), gateway=gateway, ipv6=ipv6)
+    rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
+                      level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
+                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6)
+    state.save(settings, rec)
+    try:
+        sysctl.ensure(settings)
+        cgroup.make(path)
+        netlink.apply(plan.rules, plan.routes)
+        _nft_attach(plan)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            teardown(settings, rec)
+        raise
+    return rec
+
+
+def _nft_attach(plan: GroupPlan) -> None:
+    from via_tunnel import nft
+
+    nft.ensure_table(plan.level)
+    nft.run_json(group_elements(plan, "add"))
+
+
+def _plan_of(rec: GroupRecord) -> GroupPlan:
+    """Enough of the plan to name what a record's group added (teardown needs no facts)."""
+    from socket import AF_INET, AF_INET6
+
+    rules = tuple(RuleSpec(f, RULE_PRIORITY, rec.mark, MARK_MASK, rec.table)
+                  for f in (AF_INET, AF_INET6))
+    return GroupPlan(iface=rec.iface, slot=rec.slot, mark=rec.mark, table=rec.table,
+                     level=rec.level, cgroup_nft_path=rec.cgroup_nft_path, rules=rules,
+                     routes=(), ipv6="block")
+
+
+def teardown(settings: Settings, rec: GroupRecord) -> None:
+    """Remove everything ``rec`` names. Idempotent; caller holds the lock and has checked
+    that the group is empty (a populated cgroup makes the final rmdir fail loudly)."""
+    from via_tunnel import netlink, nft
+
+    plan = _plan_of(rec)
+    kill_sockets(rec.cgroup)
+    others = [r for r in state.load_all(settings) if r.iface != rec.iface]
+    objects = nft.list_table()
+    if objects is not None:
+        if not others:
+            nft.run_json([nft.delete_table_command()])
+        else:
+            _nft_detach(plan)
+    netlink.remove(plan.rules, [rec.table])
+    cgroup.remove(rec.cgroup)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.watcher_lock_path(settings, rec.iface))
+    state.delete(settings, rec.iface)
+    if not others:
+        sysctl.restore(settings)
+        with contextlib.suppress(OSError):  # our subtree, if nothing else lives in it
+            os.rmdir(os.path.dirname(rec.cgroup))
+
+
+def _nft_detach(plan: GroupPlan) -> None:
+    """Delete the group's elements: one transaction, or element by element when some are
+    already gone (cleanup after a crash) so the rest still goes."""
+    from via_tunnel import nft
+
+    commands = group_elements(plan, "delete")
+    try:
+        nft.run_json(commands)
+    except KernelError:
+        for command in commands:
+            with contextlib.suppress(KernelError):
+                nft.run_json([command])
+
+
+def kill_sockets(path: str) -> None:
+    """Destroy the sockets the group's processes left behind (sock_destroy, as ``ss -K``).
+
+    An exited program's orphaned TCP sockets keep sending FIN and unacknowledged data; once
+    our rules are gone those packets would leave by the LAN. Killing them first closes that
+    leak (NOTES.md). ``ss`` wants the path relative to the cgroup2 mount.
+    """
+    mount = cgroup.cgroup2_mount()
+    rel = "/" + os.path.relpath(path, mount)
+    with contextlib.suppress(OSError):
+        subprocess.run(["ss", "-K", "-tuwa", "cgroup", rel], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False, timeout=5)
+
+
+def teardown_if_empty(settings: Settings, iface: str) -> bool:
+    """Tear the group down if it has no process left. Caller holds the lock."""
+    rec = state.load(settings, iface)
+    if rec is None:
+        return True
+    if cgroup.populated(rec.cgroup):
+        return False
+    teardown(settings, rec)
+    return True
+
+
+def cleanup(settings: Settings) -> list[str]:
+    """Remove what crashed or killed runs left behind; never touch a group with members.
+
+    Returns a line per thing removed. Besides recorded groups, sweeps kernel objects in our
+    numeric ranges that no record explains (a crash before the record was written).
+    """
+    from via_tunnel import netlink, nft
+
+    done: list[str] = []
+    records = state.load_all(settings)
+    for rec in records:
+        if not cgroup.populated(rec.cgroup):
+            teardown(settings, rec)
+            done.append(f"removed group {rec.iface}")
+    live = state.load_all(settings)
+    live_slots = {r.slot for r in live}
+    stray_rules = []
+    stray_tables = []
+    from socket import AF_INET, AF_INET6
+
+    for slot in range(1, MAX_SLOT + 1):
+        if slot in live_slots:
+            continue
+        stray_tables.append(TABLE_BASE + slot)
+        stray_rules.extend(RuleSpec(f, RULE_PRIORITY, mark_for_slot(slot), MARK_MASK,
+                                    TABLE_BASE + slot) for f in (AF_INET, AF_INET6))
+    present = netlink.our_rules_and_tables(stray_rules, stray_tables)
+    if present:
+        netlink.remove(present[0], present[1])
+        done.append(f"removed {len(present[0])} stray ip rule(s), "
+                    f"{len(present[1])} stray table(s)")
+    if not live:
+        if nft.list_table() is not None:
+            nft.run_json([nft.delete_table_command()])
+            done.append("removed nft table inet via_tunnel")
+        sysctl.restore(settings)
+        mount = cgroup.cgroup2_mount()
+        subtree = os.path.join(mount, settings.cgroup_subtree)
+        if os.path.isdir(subtree):
+            for name in os.listdir(subtree):
+                child = os.path.join(subtree, name)
+                if name.startswith(GROUP_PREFIX) and os.path.isdir(child) \
+                        and not cgroup.populated(child):
+                    cgroup.remove(child)
+                    done.append(f"removed cgroup {child}")
+            with contextlib.suppress(OSError):
+                os.rmdir(subtree)
+    return done

@@ -1,0 +1,181 @@
+"""Thin adapter over pyroute2: read interface facts, apply and remove routes and rules.
+
+Adds tolerate "already exists" and deletes tolerate "not there", so applying or removing a
+plan twice is harmless (cleanup may repeat work a crashed run half did).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Iterable
+from socket import AF_INET, AF_INET6
+from typing import Any
+
+from via_tunnel.errors import KernelError, ViaTunnelError
+from via_tunnel.plan import LinkFacts, RouteSpec, RuleSpec
+
+IFF_UP = 0x1
+IFF_POINTOPOINT = 0x10
+IFF_LOWER_UP = 0x10000
+MAIN_TABLE = 254
+RT_SCOPE_LINK = 253
+RTN_UNICAST = 1
+
+_ADD_OK = {errno.EEXIST}
+_DEL_OK = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute  # heavy import (~100 ms): only on paths that change routing
+
+    return IPRoute()
+
+
+def _table(msg: Any) -> int:
+    return int(msg.get_attr("RTA_TABLE") or msg.get("table"))
+
+
+def link_facts(name: str) -> LinkFacts:
+    """Gather what planning needs about interface ``name``; raise if it does not exist."""
+    with _iproute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            raise ViaTunnelError(f"interface {name} does not exist")
+        index = idx[0]
+        link = list(ipr.get_links(index))[0]
+        flags = int(link["flags"])
+        has_l2 = bool(link.get_attr("IFLA_ADDRESS"))
+        v4: list[str] = []
+        v6: list[str] = []
+        for a in ipr.get_addr(index=index):
+            addr = a.get_attr("IFA_ADDRESS")
+            if a["family"] == AF_INET:
+                v4.append(f"{a.get_attr('IFA_LOCAL') or addr}/{a['prefixlen']}")
+            elif a["family"] == AF_INET6 and ipaddress.IPv6Address(addr).is_global:
+                v6.append(f"{addr}/{a['prefixlen']}")
+        gw4, conn4 = _main_routes(ipr, AF_INET, index)
+        gw6, conn6 = _main_routes(ipr, AF_INET6, index)
+    return LinkFacts(
+        name=name, index=index,
+        up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
+        pointopoint=bool(flags & IFF_POINTOPOINT) or not has_l2,
+        ipv4=tuple(v4), ipv6_global=tuple(v6), gateway4=gw4, gateway6=gw6,
+        connected4=tuple(conn4), connected6=tuple(conn6),
+    )
+
+
+def _main_routes(ipr: Any, family: int, index: int) -> tuple[str | None, list[str]]:
+    """The best next hop through ``index`` in the main table, and its link routes."""
+    best: tuple[int, str] | None = None
+    connected: list[str] = []
+    for r in ipr.get_routes(family=family, table=MAIN_TABLE):
+        if r.get_attr("RTA_OIF") != index or _table(r) != MAIN_TABLE:
+            continue
+        if r["type"] != RTN_UNICAST:
+            continue
+        gw = r.get_attr("RTA_GATEWAY")
+        plen = int(r["dst_len"])
+        if gw:
+            if best is None or plen < best[0]:
+                best = (plen, gw)
+        elif r["scope"] == RT_SCOPE_LINK and plen > 0:
+            dst = r.get_attr("RTA_DST")
+            if family == AF_INET6 and ipaddress.IPv6Address(dst).is_link_local:
+                continue
+            connected.append(f"{dst}/{plen}")
+    return (best[1] if best else None), connected
+
+
+def _route_args(spec: RouteSpec) -> dict[str, Any]:
+    dst = ("0.0.0.0/0" if spec.family == AF_INET else "::/0") if spec.dst == "default" else spec.dst
+    args: dict[str, Any] = {"family": spec.family, "dst": dst, "table": spec.table,
+                            "priority": spec.metric, "type": spec.kind}
+    if spec.oif is not None:
+        args["oif"] = spec.oif
+    if spec.gateway:
+        args["gateway"] = spec.gateway
+    return args
+
+
+def _rule_args(spec: RuleSpec) -> dict[str, Any]:
+    return {"family": spec.family, "priority": spec.priority, "fwmark": spec.fwmark,
+            "fwmask": spec.fwmask, "table": spec.table}
+
+
+def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
+    """Add routes first, then rules: a rule never points at a table not yet filled."""
+    from pyroute2 import NetlinkError
+
+    with _iproute() as ipr:
+        for route in routes:
+            try:
+                ipr.route("add", **_route_args(route))
+            except NetlinkError as exc:
+                if exc.code not in _ADD_OK:
+                    raise KernelError(f"cannot add route {route}: {exc}") from exc
+        for rule in rules:
+            try:
+                ipr.rule("add", **_rule_args(rule))
+            except NetlinkError as exc:
+                if exc.code not in _ADD_OK:
+                    raise KernelError(f"cannot add ip rule {rule}: {exc}") from exc
+
+
+def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
+    """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely)."""
+    from pyroute2 import NetlinkError
+
+    with _iproute() as ipr:
+        for rule in rules:
+            try:
+                ipr.rule("del", **_rule_args(rule))
+            except NetlinkError as exc:
+                if exc.code not in _DEL_OK:
+                    raise KernelError(f"cannot remove ip rule {rule}: {exc}") from exc
+        for table in tables:
+            for family in (AF_INET, AF_INET6):
+                for r in list(ipr.get_routes(family=family, table=table)):
+                    if _table(r) != table:
+                        continue
+                    try:
+                        ipr.route("del", **_dump_to_del(r, family, table))
+                    except NetlinkError as exc:
+                        if exc.code not in _DEL_OK:
+                            raise KernelError(f"cannot remove route: {exc}") from exc
+
+
+def _dump_to_del(r: Any, family: int, table: int) -> dict[str, Any]:
+    dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == AF_INET else "::")
+    args: dict[str, Any] = {"family": family, "table": table, "dst": f"{dst}/{r['dst_len']}",
+                            "type": r["type"]}
+    prio = r.get_attr("RTA_PRIORITY")
+    if prio is not None:
+        args["priority"] = prio
+    oif = r.get_attr("RTA_OIF")
+    if oif is not None:
+        args["oif"] = oif
+    return args
+
+
+def our_rules_and_tables(
+    rules: Iterable[RuleSpec], tables: Iterable[int]
+) -> tuple[list[RuleSpec], list[int]]:
+    """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps)."""
+    wanted = {(r.family, r.priority, r.fwmark, r.fwmask, r.table): r for r in rules}
+    table_set = set(tables)
+    found_rules: list[RuleSpec] = []
+    found_tables: set[int] = set()
+    with _iproute() as ipr:
+        for family in (AF_INET, AF_INET6):
+            for msg in ipr.get_rules(family=family):
+                key = (family, msg.get_attr("FRA_PRIORITY") or 0,
+                       msg.get_attr("FRA_FWMARK") or 0, msg.get_attr("FRA_FWMASK") or 0,
+                       msg.get_attr("FRA_TABLE") or msg["table"])
+                if key in wanted:
+                    found_rules.append(wanted[key])
+            for r in ipr.get_routes(family=family, table=0):
+                t = _table(r)
+                if t in table_set:
+                    found_tables.add(t)
+    return found_rules, sorted(found_tables)

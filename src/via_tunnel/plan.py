@@ -1,0 +1,257 @@
+"""Pure planning: from facts about an interface to what must exist in the kernel.
+
+Nothing here touches the system. The adapters (:mod:`via_tunnel.nft`,
+:mod:`via_tunnel.netlink`) apply what these functions return, and the same plan drives both
+setup and teardown, so the two can never disagree about what "ours" is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from socket import AF_INET, AF_INET6
+from typing import Any, Literal
+
+from via_tunnel.errors import ViaTunnelError
+from via_tunnel.settings import (
+    MARK_FLAG,
+    MARK_MASK,
+    NFT_FAMILY,
+    NFT_TABLE,
+    RULE_PRIORITY,
+    UNREACHABLE_METRIC,
+    mark_for_slot,
+    table_for_slot,
+)
+
+IPv6Mode = Literal["auto", "tunnel", "block"]
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """What the kernel says about one interface, gathered by the netlink adapter."""
+
+    name: str
+    index: int
+    up: bool
+    pointopoint: bool  # IFF_POINTOPOINT or no L2 address (tun): no next hop needed
+    ipv4: tuple[str, ...] = ()  # addresses, "a.b.c.d/len"
+    ipv6_global: tuple[str, ...] = ()
+    gateway4: str | None = None  # next hop of a main-table route through this interface
+    gateway6: str | None = None
+    connected4: tuple[str, ...] = ()  # main-table link routes ("dst/len") on this interface
+    connected6: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route in a group's table. ``dst`` is ``"default"`` or a prefix."""
+
+    family: int
+    table: int
+    dst: str
+    kind: Literal["unicast", "unreachable"] = "unicast"
+    oif: int | None = None
+    gateway: str | None = None
+    metric: int = 0
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """``ip rule add fwmark MARK/MASK lookup TABLE priority PRIORITY`` for one family."""
+
+    family: int
+    priority: int
+    fwmark: int
+    fwmask: int
+    table: int
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Everything one group (one interface) needs, besides the shared nft table."""
+
+    iface: str
+    slot: int
+    mark: int
+    table: int
+    level: int
+    cgroup_nft_path: str
+    rules: tuple[RuleSpec, ...]
+    routes: tuple[RouteSpec, ...]
+    ipv6: Literal["tunnel", "block"]
+    gateway4: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def plan_group(
+    facts: LinkFacts,
+    *,
+    slot: int,
+    level: int,
+    cgroup_nft_path: str,
+    gateway: str | None = None,
+    ipv6: IPv6Mode = "auto",
+) -> GroupPlan:
+    """Plan the routing of one group through ``facts.name``.
+
+    Raises :class:`ViaTunnelError` (exit 125) when the interface cannot carry the group:
+    it is down, has no IPv4 address, or is a broadcast interface with no next hop. Never
+    guesses a gateway. The table always ends with ``unreachable default`` at the highest
+    metric, so a lookup in it can never fall through to the main table (fail closed).
+    """
+    if not facts.up:
+        raise ViaTunnelError(f"interface {facts.name} is down")
+    if not facts.ipv4:
+        raise ViaTunnelError(f"interface {facts.name} has no IPv4 address")
+    nexthop = None
+    if gateway is not None:
+        nexthop = _check_gateway(facts, gateway)
+    elif not facts.pointopoint:
+        nexthop = facts.gateway4
+        if nexthop is None:
+            raise ViaTunnelError(
+                f"interface {facts.name} is a broadcast interface and the main table has no "
+                f"route with a next hop through it; pass --gateway ADDR"
+            )
+    table = table_for_slot(slot)
+    mark = mark_for_slot(slot)
+    routes: list[RouteSpec] = [
+        RouteSpec(AF_INET, table, dst, oif=facts.index) for dst in facts.connected4
+    ]
+    routes.append(RouteSpec(AF_INET, table, "default", oif=facts.index, gateway=nexthop))
+    routes.append(RouteSpec(AF_INET, table, "default", kind="unreachable",
+                            metric=UNREACHABLE_METRIC))
+    v6_mode = _ipv6_mode(facts, ipv6)
+    if v6_mode == "tunnel":
+        routes.extend(RouteSpec(AF_INET6, table, dst, oif=facts.index)
+                      for dst in facts.connected6)
+        gw6 = None if facts.pointopoint else facts.gateway6
+        routes.append(RouteSpec(AF_INET6, table, "default", oif=facts.index, gateway=gw6))
+    routes.append(RouteSpec(AF_INET6, table, "default", kind="unreachable",
+                            metric=UNREACHABLE_METRIC))
+    rules = tuple(RuleSpec(fam, RULE_PRIORITY, mark, MARK_MASK, table)
+                  for fam in (AF_INET, AF_INET6))
+    return GroupPlan(
+        iface=facts.name, slot=slot, mark=mark, table=table, level=level,
+        cgroup_nft_path=cgroup_nft_path, rules=rules, routes=tuple(routes), ipv6=v6_mode,
+        gateway4=nexthop,
+    )
+
+
+def _check_gateway(facts: LinkFacts, gateway: str) -> str:
+    try:
+        addr = ipaddress.IPv4Address(gateway)
+    except ValueError:
+        raise ViaTunnelError(f"--gateway {gateway!r} is not an IPv4 address") from None
+    if facts.pointopoint:
+        return str(addr)
+    nets = [ipaddress.IPv4Interface(a).network for a in facts.ipv4]
+    nets += [ipaddress.IPv4Network(p, strict=False) for p in facts.connected4]
+    if not any(addr in n for n in nets):
+        raise ViaTunnelError(
+            f"--gateway {addr} is not on a subnet of {facts.name} "
+            f"({', '.join(facts.ipv4)})"
+        )
+    return str(addr)
+
+
+def _ipv6_mode(facts: LinkFacts, mode: IPv6Mode) -> Literal["tunnel", "block"]:
+    has_v6 = bool(facts.ipv6_global) and (facts.pointopoint or facts.gateway6 is not None)
+    if mode == "block":
+        return "block"
+    if mode == "tunnel" and not has_v6:
+        raise ViaTunnelError(
+            f"--ipv6 tunnel: interface {facts.name} has no global IPv6 address and route"
+        )
+    return "tunnel" if has_v6 else "block"
+
+
+# --------------------------------------------------------------------------- nftables
+
+# The fixed part of the ruleset. Only integers we compute ever reach this text; every
+# name (interfaces, cgroup paths) travels as JSON data in the per-group transactions.
+_BASE_RULESET = """\
+table inet via_tunnel {
+    # (mark . oifname) of every active group: where its packets may leave.
+    set group_oifs { type mark . ifname; }
+    # Packets arriving on a group's interface for this host carry the group's mark, so
+    # strict rp_filter accepts them and the connections they open are answered there.
+    map iif_marks { type ifname : mark; }
+
+    chain route_output {
+        type route hook output priority mangle; policy accept;
+        ct mark & 0x80000000 == 0x80000000 meta mark set ct mark
+        ct direction reply return
+        jump group_sockets
+    }
+    # One rule per cgroup level in use: cgroup -> mark, for the group's own sockets.
+    # Matching sockets (not only the ct mark) keeps the mark when conntrack loses a flow.
+    chain group_sockets {
+    }
+    chain prerouting {
+        type filter hook prerouting priority mangle; policy accept;
+        fib daddr type local meta mark set iifname map @iif_marks
+        ct state new meta mark & 0x80000000 == 0x80000000 ct mark set meta mark
+        ct direction reply ct mark & 0x80000000 == 0x80000000 meta mark set ct mark
+    }
+    chain postrouting {
+        type filter hook postrouting priority filter; policy accept;
+        meta mark & 0x80000000 == 0 accept
+        oifname "lo" accept
+        meta mark . oifname @group_oifs tcp flags syn tcp option maxseg size set rt mtu accept
+        meta mark . oifname @group_oifs accept
+        # Kill switch: a group's packet leaving by any other interface is dropped.
+        counter drop
+    }
+    chain postrouting_nat {
+        type nat hook postrouting priority srcnat; policy accept;
+        meta mark . oifname @group_oifs masquerade
+    }
+}
+"""
+
+
+def base_ruleset() -> str:
+    """The text that creates our table (without any group or cgroup level)."""
+    assert f"0x{MARK_FLAG:08x}" in _BASE_RULESET
+    return _BASE_RULESET
+
+
+def level_map_name(level: int) -> str:
+    return f"groups_l{int(level)}"
+
+
+def level_ruleset(level: int) -> str:
+    """Text adding the cgroup map and socket rule for one cgroup2 level.
+
+    ``socket cgroupv2`` cannot be expressed in libnftables JSON (NOTES.md), so this is
+    text; ``level`` is an int we computed from the cgroup path, never user input.
+    """
+    level = int(level)
+    if not 1 <= level <= 255:
+        raise ValueError(f"cgroup level {level} out of range")
+    name = level_map_name(level)
+    return (
+        f"add map {NFT_FAMILY} {NFT_TABLE} {name} {{ type cgroupsv2 : mark; }}\n"
+        f"add rule {NFT_FAMILY} {NFT_TABLE} group_sockets "
+        f"meta mark set socket cgroupv2 level {level} map @{name} ct mark set meta mark\n"
+    )
+
+
+def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict[str, Any]]:
+    """The nft JSON commands that attach (``add``) or detach (``delete``) one group.
+
+    One list = one transaction. Setup and teardown come from this one function, so they
+    always name the same elements.
+    """
+
+    def element(name: str, elem: list[Any]) -> dict[str, Any]:
+        return {verb: {"element": {"family": NFT_FAMILY, "table": NFT_TABLE,
+                                   "name": name, "elem": elem}}}
+
+    return [
+        element("group_oifs", [{"concat": [plan.mark, plan.iface]}]),
+        element("iif_marks", [[plan.iface, plan.mark]]),
+        element(level_map_name(plan.level), [[plan.cgroup_nft_path, plan.mark]]),
+    ]

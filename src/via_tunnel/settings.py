@@ -1,0 +1,74 @@
+"""Numbers and paths that define via-tunnel's footprint on a host.
+
+Marks, routing tables and rule priorities are chosen so that they collide with none of the
+neighbours seen on real hosts (NOTES.md): Tailscale (rules 5210-5270, table 52, mark bits in
+0x00ff0000), wg-quick (mark and table 51820 = 0xca6c), Mullvad (mark 0x6d6f6c65, ct mark 0xf41).
+
+* Every mark of ours has bit 31 set; none of theirs does, so ``fwmark MARK/0xff000000``
+  can never match their packets, and theirs can never match ours.
+* The group's slot (1..127) lives in bits 24-30.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+MARK_FLAG = 0x8000_0000
+MARK_MASK = 0xFF00_0000
+SLOT_SHIFT = 24
+MAX_SLOT = 0x7F
+TABLE_BASE = 0x7674_0000  # "vt" << 16; routing table id = TABLE_BASE + slot
+RULE_PRIORITY = 5100  # before Tailscale (5210+), wg-quick and the main table (32766)
+UNREACHABLE_METRIC = 0xFFFF_FFFF  # kill-switch route: behind every real default
+NFT_TABLE = "via_tunnel"
+NFT_FAMILY = "inet"
+
+ENV_STATE_DIR = "VIA_TUNNEL_STATE_DIR"
+ENV_CGROUP = "VIA_TUNNEL_CGROUP"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where this instance keeps its state and its cgroups.
+
+    ``state_dir`` holds the lock, one JSON file per active group and the saved sysctls.
+    ``cgroup_subtree`` is relative to the cgroup2 mount. Both can be moved with environment
+    variables so that test labs running side by side never see each other's groups.
+    """
+
+    state_dir: str = "/run/via-tunnel"
+    cgroup_subtree: str = "via-tunnel"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            state_dir=os.environ.get(ENV_STATE_DIR) or cls.state_dir,
+            cgroup_subtree=(os.environ.get(ENV_CGROUP) or cls.cgroup_subtree).strip("/"),
+        )
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.state_dir, "lock")
+
+    @property
+    def groups_dir(self) -> str:
+        return os.path.join(self.state_dir, "groups")
+
+    @property
+    def sysctl_path(self) -> str:
+        return os.path.join(self.state_dir, "sysctl.json")
+
+
+def mark_for_slot(slot: int) -> int:
+    """The packet/ct mark of the group in ``slot`` (1..MAX_SLOT)."""
+    if not 1 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot {slot} out of range")
+    return MARK_FLAG | (slot << SLOT_SHIFT)
+
+
+def table_for_slot(slot: int) -> int:
+    """The routing table id of the group in ``slot``."""
+    if not 1 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot {slot} out of range")
+    return TABLE_BASE + slot

@@ -1,0 +1,128 @@
+"""Records of active groups and the lock that serialises every change to them.
+
+One JSON file per group in ``<state_dir>/groups/``. A record is written *before* the kernel
+is changed (an intent log), so a crash at any point leaves enough to undo it, and deleted
+only after everything it names is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from via_tunnel.errors import ViaTunnelError
+from via_tunnel.settings import MAX_SLOT, Settings
+
+
+@dataclass
+class GroupRecord:
+    """What one active group consists of; enough to tear it down without other input."""
+
+    iface: str
+    slot: int
+    mark: int
+    table: int
+    level: int
+    cgroup: str  # absolute path of the group's cgroup
+    cgroup_nft_path: str
+    created: float
+    gateway4: str | None = None
+    ipv6: str = "block"
+
+    @classmethod
+    def from_json(cls, text: str) -> GroupRecord:
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def _ensure_dir(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+@contextlib.contextmanager
+def locked(settings: Settings) -> Iterator[int]:
+    """Hold the global lock (flock on ``<state_dir>/lock``); yields the fd (CLOEXEC)."""
+    try:
+        _ensure_dir(settings.groups_dir)
+        fd = os.open(settings.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError as exc:
+        raise ViaTunnelError(
+            f"cannot write {settings.state_dir}: via-tunnel needs root (or the daemon)"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def record_path(settings: Settings, iface: str) -> str:
+    return os.path.join(settings.groups_dir, f"{iface}.json")
+
+
+def load(settings: Settings, iface: str) -> GroupRecord | None:
+    try:
+        with open(record_path(settings, iface)) as f:
+            return GroupRecord.from_json(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def load_all(settings: Settings) -> list[GroupRecord]:
+    try:
+        names = sorted(os.listdir(settings.groups_dir))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.endswith(".json"):
+            rec = load(settings, name[:-5])
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+def save(settings: Settings, rec: GroupRecord) -> None:
+    """Write atomically (rename), so a reader never sees half a record."""
+    _ensure_dir(settings.groups_dir)
+    path = record_path(settings, rec.iface)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(rec), f)
+    os.replace(tmp, path)
+
+
+def delete(settings: Settings, iface: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record_path(settings, iface))
+
+
+def free_slot(records: list[GroupRecord]) -> int:
+    used = {r.slot for r in records}
+    for slot in range(1, MAX_SLOT + 1):
+        if slot not in used:
+            return slot
+    raise ViaTunnelError(f"too many active groups (at most {MAX_SLOT})")
+
+
+def watcher_lock_path(settings: Settings, iface: str) -> str:
+    return os.path.join(settings.groups_dir, f"{iface}.watch")
+
+
+def watcher_alive(settings: Settings, iface: str) -> bool:
+    """True while a watcher holds the group's watch lock (immune to PID reuse)."""
+    try:
+        fd = os.open(watcher_lock_path(settings, iface), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

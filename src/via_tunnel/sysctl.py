@@ -1,0 +1,53 @@
+"""The one sysctl via-tunnel needs, saved before it is changed and restored afterwards.
+
+``net.ipv4.conf.all.src_valid_mark=1`` lets strict rp_filter take the packet mark into
+account (what wg-quick sets too), so replies arriving on a tunnel are not dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+from via_tunnel.settings import Settings
+
+SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
+WANTED = {SRC_VALID_MARK: "1"}
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def ensure(settings: Settings) -> None:
+    """Set what we need, saving the previous values once (the first group saves them)."""
+    if not os.path.exists(settings.sysctl_path):
+        saved = {p: _read(p) for p in WANTED}
+        tmp = settings.sysctl_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(saved, f)
+        os.replace(tmp, settings.sysctl_path)
+    for path, value in WANTED.items():
+        if _read(path) != value:
+            _write(path, value)
+
+
+def restore(settings: Settings) -> None:
+    """Put back what :func:`ensure` found (called when the last group is gone)."""
+    try:
+        with open(settings.sysctl_path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return
+    for path, value in saved.items():
+        if path in WANTED:
+            with contextlib.suppress(OSError):
+                _write(path, str(value))
+    os.unlink(settings.sysctl_path)

@@ -1,0 +1,90 @@
+"""The per-group watcher of the direct (root) launcher.
+
+CMD is exec'd in place, so nothing of ours stays inside the group. One small process per
+group, outside it, waits for ``cgroup.events`` to say "populated 0" and then tears the group
+down under the global lock. It is started by double fork from the launcher: detached from
+the terminal (new session, stdio on /dev/null, SIGHUP ignored) and moved to the cgroup2
+root, so closing the terminal or its session scope does not take it along. It holds
+``<iface>.watch`` locked for its whole life: a launcher that can take that lock knows the
+watcher is gone and starts another; ``via-tunnel cleanup`` recovers if none comes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+
+from via_tunnel import cgroup, lifecycle, state
+from via_tunnel.settings import Settings
+
+
+def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> None:
+    """Start a detached watcher for ``iface`` and return once it holds its watch lock."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child: fork the watcher and leave at once, so CMD never sees it
+        try:
+            os.close(rfd)
+            for fd in close_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            os.setsid()
+            if os.fork() == 0:
+                _run(settings, iface, wfd)
+                os._exit(0)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    os.waitpid(pid, 0)
+    os.read(rfd, 1)  # b"" if the watcher died before it was ready: cleanup recovers
+    os.close(rfd)
+
+
+def _run(settings: Settings, iface: str, ready_fd: int) -> None:
+    try:
+        _detach()
+        fd = os.open(state.watcher_lock_path(settings, iface),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+        watch(settings, iface)
+    except BaseException as exc:  # nobody to report to: leave a trace in the state dir
+        with contextlib.suppress(Exception), open(
+            os.path.join(settings.state_dir, "watcher-errors.log"), "a"
+        ) as log:
+            log.write(f"{iface}: {exc!r}\n")
+    finally:
+        os._exit(0)
+
+
+def _detach() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    with contextlib.suppress(Exception):
+        mount = cgroup.cgroup2_mount()
+        cgroup.join(mount)  # out of the caller's session scope, out of every group
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+
+
+def watch(settings: Settings, iface: str) -> None:
+    """Wait until the group of ``iface`` is empty, then tear it down; return when gone.
+
+    The emptiness check is repeated under the lock: a launcher may have joined between the
+    wake-up and the lock, and then the group lives on.
+    """
+    while True:
+        rec = state.load(settings, iface)
+        if rec is None:
+            return
+        cgroup.wait_unpopulated(rec.cgroup)
+        with state.locked(settings):
+            if lifecycle.teardown_if_empty(settings, iface):
+                return
