@@ -13,9 +13,11 @@ import typer
 from via_tunnel import __version__
 from via_tunnel.errors import EXIT_USAGE, ViaTunnelError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run a program so that all of its traffic leaves through one interface.\n\n"
-                       "Launch form: via-tunnel [--gateway ADDR] [--ipv6 MODE] IFACE -- CMD [ARG...]")
+HELP = (
+    "Run a program so that all of its traffic leaves through one interface.\n\n"
+    "Launch form: via-tunnel [--gateway ADDR] [--ipv6 MODE] IFACE -- CMD [ARG...]"
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 _debug = False
 
 
@@ -101,7 +103,7 @@ def cleanup() -> None:
 
 @app.command()
 def demo(
-    keep: Annotated[bool, typer.Option(help="Leave the lab up (remove it with `via-tunnel demo --remove`).")] = False,
+    keep: Annotated[bool, typer.Option(help="Leave the lab's namespaces up.")] = False,
 ) -> None:
     """Build a throwaway lab of network namespaces and show via-tunnel at work."""
     from via_tunnel.demo import run_demo

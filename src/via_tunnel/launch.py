@@ -8,11 +8,10 @@ terminal), so no Python process stays resident per launched program.
 
 from __future__ import annotations
 
+import _signal  # the C module: `signal` imports enum, which the hot path cannot afford
 import os
-import signal
 import stat
 import sys
-from dataclasses import dataclass, field
 
 from via_tunnel.errors import (
     EXIT_CANNOT_EXEC,
@@ -22,18 +21,23 @@ from via_tunnel.errors import (
 )
 from via_tunnel.names import validate_ifname
 
-USAGE = "usage: via-tunnel [--gateway ADDR] [--ipv6 auto|tunnel|block] [--debug] IFACE -- CMD [ARG...]"
+USAGE = ("usage: via-tunnel [--gateway ADDR] [--ipv6 auto|tunnel|block] [--debug] "
+         "IFACE -- CMD [ARG...]")
 IPV6_MODES = ("auto", "tunnel", "block")
 
 
-@dataclass
 class LaunchArgs:
-    iface: str
-    argv: list[str]
-    gateway: str | None = None
-    ipv6: str = "auto"
-    debug: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+    """The parsed launch form."""
+
+    __slots__ = ("argv", "debug", "gateway", "iface", "ipv6")
+
+    def __init__(self, iface: str, argv: list[str], gateway: str | None = None,
+                 ipv6: str = "auto", debug: bool = False) -> None:
+        self.iface = iface
+        self.argv = argv
+        self.gateway = gateway
+        self.ipv6 = ipv6
+        self.debug = debug
 
 
 def parse(args: list[str]) -> LaunchArgs:
@@ -126,8 +130,9 @@ def run(args: LaunchArgs) -> None:
 
 def exec_in_place(path: str, argv: list[str]) -> None:
     """Replace this process with CMD, restoring what Python changed about signals."""
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+    # Python ignores SIGPIPE and SIGXFSZ; ignored signals stay ignored across exec.
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT):
+        _signal.signal(sig, _signal.SIG_DFL)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -43,7 +43,7 @@ def link_facts(name: str) -> LinkFacts:
         if not idx:
             raise ViaTunnelError(f"interface {name} does not exist")
         index = idx[0]
-        link = list(ipr.get_links(index))[0]
+        link = next(iter(ipr.get_links(index)))
         flags = int(link["flags"])
         has_l2 = bool(link.get_attr("IFLA_ADDRESS"))
         v4: list[str] = []

@@ -12,7 +12,6 @@ neighbours seen on real hosts (NOTES.md): Tailscale (rules 5210-5270, table 52, 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 MARK_FLAG = 0x8000_0000
 MARK_MASK = 0xFF00_0000
@@ -28,7 +27,6 @@ ENV_STATE_DIR = "VIA_TUNNEL_STATE_DIR"
 ENV_CGROUP = "VIA_TUNNEL_CGROUP"
 
 
-@dataclass(frozen=True)
 class Settings:
     """Where this instance keeps its state and its cgroups.
 
@@ -37,14 +35,20 @@ class Settings:
     variables so that test labs running side by side never see each other's groups.
     """
 
-    state_dir: str = "/run/via-tunnel"
-    cgroup_subtree: str = "via-tunnel"
+    # A plain class, not a dataclass: this module is on the launch hot path, and importing
+    # dataclasses costs more than everything else the warm launch does.
+    __slots__ = ("cgroup_subtree", "state_dir")
+
+    def __init__(self, state_dir: str = "/run/via-tunnel",
+                 cgroup_subtree: str = "via-tunnel") -> None:
+        self.state_dir = state_dir
+        self.cgroup_subtree = cgroup_subtree.strip("/")
 
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
-            state_dir=os.environ.get(ENV_STATE_DIR) or cls.state_dir,
-            cgroup_subtree=(os.environ.get(ENV_CGROUP) or cls.cgroup_subtree).strip("/"),
+            state_dir=os.environ.get(ENV_STATE_DIR) or "/run/via-tunnel",
+            cgroup_subtree=os.environ.get(ENV_CGROUP) or "via-tunnel",
         )
 
     @property

@@ -1,0 +1,37 @@
+"""Finding the cgroup2 mount and computing levels and nft paths (pure parts)."""
+
+import pytest
+
+from via_tunnel import cgroup
+from via_tunnel.errors import ViaTunnelError
+
+HYBRID = [
+    "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755",
+    "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
+    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw",
+]
+PURE = ["30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"]
+
+
+def test_finds_hybrid_and_pure_v2_mounts() -> None:
+    assert cgroup.parse_cgroup2_mount(HYBRID) == "/sys/fs/cgroup/unified"
+    assert cgroup.parse_cgroup2_mount(PURE) == "/sys/fs/cgroup"
+
+
+def test_ignores_bind_mounts_of_subtrees_and_fails_without_v2() -> None:
+    sub = "50 23 0:26 /user.slice /mnt/x rw - cgroup2 cgroup2 rw"
+    assert cgroup.parse_cgroup2_mount([sub, *PURE]) == "/sys/fs/cgroup"
+    with pytest.raises(ViaTunnelError, match="cgroup2"):
+        cgroup.parse_cgroup2_mount(HYBRID[:2])
+
+
+def test_level_counts_depth_inside_the_tree_not_the_path() -> None:
+    assert cgroup.level_of("/sys/fs/cgroup/unified/via-tunnel/if-x", "/sys/fs/cgroup/unified") == 2
+    assert cgroup.level_of("/sys/fs/cgroup/via-tunnel/if-x", "/sys/fs/cgroup") == 2
+    assert cgroup.level_of("/sys/fs/cgroup", "/sys/fs/cgroup") == 0
+
+
+def test_nft_path_is_relative_to_sys_fs_cgroup() -> None:
+    assert cgroup.nft_path("/sys/fs/cgroup/unified/via-tunnel/if-x") == "unified/via-tunnel/if-x"
+    with pytest.raises(ViaTunnelError):
+        cgroup.nft_path("/mnt/cg/via-tunnel/if-x")

@@ -1,0 +1,115 @@
+"""Golden tests of the pure planner: what a group needs, for each kind of interface."""
+
+from socket import AF_INET, AF_INET6
+
+import pytest
+
+from via_tunnel.errors import ViaTunnelError
+from via_tunnel.plan import (
+    LinkFacts,
+    RouteSpec,
+    RuleSpec,
+    base_ruleset,
+    group_elements,
+    level_ruleset,
+    plan_group,
+)
+from via_tunnel.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
+
+TUN = LinkFacts(name="tun0", index=7, up=True, pointopoint=True, ipv4=("192.0.2.50/32",))
+VETH = LinkFacts(name="vlan3", index=5, up=True, pointopoint=False, ipv4=("192.0.2.34/28",),
+                 gateway4="192.0.2.33", connected4=("192.0.2.32/28",))
+
+
+def plan(facts: LinkFacts, **kw):  # type: ignore[no-untyped-def]
+    return plan_group(facts, slot=3, level=2, cgroup_nft_path="unified/via-tunnel/if-x", **kw)
+
+
+def test_point_to_point_routes_without_next_hop_and_fails_closed() -> None:
+    p = plan(TUN)
+    t = table_for_slot(3)
+    assert p.routes == (
+        RouteSpec(AF_INET, t, "default", oif=7),
+        RouteSpec(AF_INET, t, "default", kind="unreachable", metric=0xFFFFFFFF),
+        RouteSpec(AF_INET6, t, "default", kind="unreachable", metric=0xFFFFFFFF),
+    )
+    assert p.rules == (
+        RuleSpec(AF_INET, RULE_PRIORITY, mark_for_slot(3), MARK_MASK, t),
+        RuleSpec(AF_INET6, RULE_PRIORITY, mark_for_slot(3), MARK_MASK, t),
+    )
+    assert p.ipv6 == "block"
+
+
+def test_broadcast_uses_main_table_next_hop_and_copies_link_routes() -> None:
+    p = plan(VETH)
+    t = table_for_slot(3)
+    assert RouteSpec(AF_INET, t, "192.0.2.32/28", oif=5) in p.routes
+    assert RouteSpec(AF_INET, t, "default", oif=5, gateway="192.0.2.33") in p.routes
+    assert p.gateway4 == "192.0.2.33"
+
+
+def test_broadcast_without_next_hop_is_an_error_not_a_guess() -> None:
+    facts = LinkFacts(name="eth1", index=2, up=True, pointopoint=False, ipv4=("192.0.2.2/28",))
+    with pytest.raises(ViaTunnelError, match="--gateway"):
+        plan(facts)
+
+
+def test_explicit_gateway_must_be_on_the_interface_subnet() -> None:
+    assert plan(VETH, gateway="192.0.2.40").gateway4 == "192.0.2.40"
+    with pytest.raises(ViaTunnelError, match="not on a subnet"):
+        plan(VETH, gateway="198.51.100.1")
+    with pytest.raises(ViaTunnelError, match="not an IPv4"):
+        plan(VETH, gateway="nope")
+
+
+def test_down_or_addressless_interface_is_refused() -> None:
+    with pytest.raises(ViaTunnelError, match="down"):
+        plan(LinkFacts(name="tun0", index=7, up=False, pointopoint=True, ipv4=("1.2.3.4/32",)))
+    with pytest.raises(ViaTunnelError, match="no IPv4"):
+        plan(LinkFacts(name="tun0", index=7, up=True, pointopoint=True))
+
+
+def test_ipv6_goes_through_the_tunnel_only_when_it_has_v6() -> None:
+    v6 = LinkFacts(name="tun0", index=7, up=True, pointopoint=True, ipv4=("192.0.2.50/32",),
+                   ipv6_global=("2001:db8:5::2/64",))
+    assert plan(v6).ipv6 == "tunnel"
+    assert RouteSpec(AF_INET6, table_for_slot(3), "default", oif=7) in plan(v6).routes
+    assert plan(v6, ipv6="block").ipv6 == "block"
+    with pytest.raises(ViaTunnelError, match="no global IPv6"):
+        plan(TUN, ipv6="tunnel")
+
+
+def test_marks_tables_never_collide_with_known_neighbours() -> None:
+    tailscale = [(0x80000, 0xFF0000), (0x40000, 0xFF0000)]
+    for slot in range(1, 128):
+        mark = mark_for_slot(slot)
+        assert mark & MARK_MASK == mark
+        for value, mask in tailscale:
+            assert mark & mask != value
+        assert mark not in (51820, 0x6D6F6C65)
+        assert mark != (0x6D6F6C65 & MARK_MASK)  # Mullvad's mark never matches our rule
+        assert table_for_slot(slot) not in (52, 51820, 253, 254, 255)
+    with pytest.raises(ValueError):
+        mark_for_slot(0)
+    with pytest.raises(ValueError):
+        mark_for_slot(128)
+
+
+def test_nft_text_carries_no_names_and_elements_carry_them_as_data() -> None:
+    weird = LinkFacts(name='q"x;', index=9, up=True, pointopoint=True, ipv4=("192.0.2.50/32",))
+    p = plan(weird)
+    assert 'q"x;' not in base_ruleset() + level_ruleset(2)
+    add = group_elements(p, "add")
+    delete = group_elements(p, "delete")
+    assert [next(iter(c)) for c in add] == ["add"] * 3
+    assert [next(iter(c)) for c in delete] == ["delete"] * 3
+    assert [c["add"] for c in add] == [c["delete"] for c in delete]
+    assert add[0]["add"]["element"]["elem"] == [{"concat": [p.mark, 'q"x;']}]
+    assert add[2]["add"]["element"]["name"] == "groups_l2"
+
+
+def test_level_ruleset_rejects_nonsense_levels() -> None:
+    assert "socket cgroupv2 level 4 map @groups_l4" in level_ruleset(4)
+    for bad in (0, 256, -1):
+        with pytest.raises(ValueError):
+            level_ruleset(bad)
