@@ -57,7 +57,7 @@ def _group_info() -> list[dict[str, object]]:
         out.append({
             "interface": rec.iface, "since": rec.created, "mark": f"0x{rec.mark:08x}",
             "table": rec.table, "cgroup": rec.cgroup, "gateway": rec.gateway4,
-            "ipv6": rec.ipv6, "watcher": state.watcher_alive(settings, rec.iface),
+            "ipv6": rec.ipv6, "watcher": state.watcher_pid(settings, rec.iface),
             "members": members,
         })
     return out

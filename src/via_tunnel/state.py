@@ -133,6 +133,17 @@ def watcher_lock_path(settings: Settings, iface: str) -> str:
     return os.path.join(settings.groups_dir, f"{iface}.watch")
 
 
+def watcher_pid(settings: Settings, iface: str) -> int | None:
+    """PID of the group's live watcher, or None."""
+    if not watcher_alive(settings, iface):
+        return None
+    try:
+        with open(watcher_lock_path(settings, iface)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
 def watcher_alive(settings: Settings, iface: str) -> bool:
     """True while a watcher holds the group's watch lock (immune to PID reuse)."""
     try:

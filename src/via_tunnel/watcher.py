@@ -49,6 +49,8 @@ def _run(settings: Settings, iface: str, ready_fd: int) -> None:
         fd = os.open(state.watcher_lock_path(settings, iface),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())  # for `status` and for tests
         os.write(ready_fd, b"1")
         os.close(ready_fd)
         watch(settings, iface)

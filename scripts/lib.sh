@@ -1,0 +1,42 @@
+# Shared by scripts/demo.sh and scripts/test.sh. Debian 12, run as root.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUNTIME_DEBS=(nftables python3-nftables python3-venv iproute2 util-linux)
+TEST_DEBS=(openvpn tcpdump curl socat desktop-file-utils procps)
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "run this as root (it installs Debian packages and builds network namespaces)" >&2
+        exit 1
+    fi
+}
+
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "==> apt-get install ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# make_venv DIR [EXTRA]: a venv on Debian's python3 that sees python3-nftables.
+make_venv() {
+    local dir="$1" extra="${2:-}"
+    if [ ! -x "$dir/bin/python" ]; then
+        /usr/bin/python3 -m venv --system-site-packages "$dir"
+    fi
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    if [ -n "$extra" ]; then
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[$extra]"
+    else
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check "$REPO"
+    fi
+    "$dir/bin/python" -c 'import nftables' \
+        || { echo "python3-nftables is not visible in $dir" >&2; exit 1; }
+}
