@@ -101,11 +101,13 @@ def test_nft_text_carries_no_names_and_elements_carry_them_as_data() -> None:
     assert 'q"x;' not in base_ruleset() + level_ruleset(2)
     add = group_elements(p, "add")
     delete = group_elements(p, "delete")
-    assert [next(iter(c)) for c in add] == ["add"] * 3
-    assert [next(iter(c)) for c in delete] == ["delete"] * 3
+    assert [next(iter(c)) for c in add] == ["add"] * 4
+    assert [next(iter(c)) for c in delete] == ["delete"] * 4
     assert [c["add"] for c in add] == [c["delete"] for c in delete]
     assert add[0]["add"]["element"]["elem"] == [{"concat": [p.mark, 'q"x;']}]
     assert add[2]["add"]["element"]["name"] == "groups_l2"
+    assert add[3]["add"]["element"] == {"family": "inet", "table": "via_tunnel",
+                                        "name": "v6_blocked", "elem": [p.mark]}
 
 
 def test_level_ruleset_rejects_nonsense_levels() -> None:

@@ -101,7 +101,7 @@ def _plan_of(rec: GroupRecord) -> GroupPlan:
                   for f in (AF_INET, AF_INET6))
     return GroupPlan(iface=rec.iface, slot=rec.slot, mark=rec.mark, table=rec.table,
                      level=rec.level, cgroup_nft_path=rec.cgroup_nft_path, rules=rules,
-                     routes=(), ipv6="block")
+                     routes=(), ipv6="tunnel" if rec.ipv6 == "tunnel" else "block")
 
 
 def teardown(settings: Settings, rec: GroupRecord) -> None:

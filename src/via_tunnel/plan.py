@@ -178,12 +178,21 @@ table inet via_tunnel {
     # Packets arriving on a group's interface for this host carry the group's mark, so
     # strict rp_filter accepts them and the connections they open are answered there.
     map iif_marks { type ifname : mark; }
+    # Marks of groups whose IPv6 is blocked: refused at once (TCP reset / ICMP
+    # admin-prohibited) so dual-stack clients fall back to IPv4 instead of timing out.
+    set v6_blocked { type mark; }
 
     chain route_output {
         type route hook output priority mangle; policy accept;
         ct mark & 0x80000000 == 0x80000000 meta mark set ct mark
         ct direction reply return
         jump group_sockets
+        meta nfproto ipv6 meta mark @v6_blocked jump refuse_v6
+    }
+    chain refuse_v6 {
+        fib daddr type local return
+        meta l4proto tcp reject with tcp reset
+        reject with icmpx admin-prohibited
     }
     # One rule per cgroup level in use: cgroup -> mark, for the group's own sockets.
     # Matching sockets (not only the ct mark) keeps the mark when conntrack loses a flow.
@@ -250,8 +259,11 @@ def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict
         return {verb: {"element": {"family": NFT_FAMILY, "table": NFT_TABLE,
                                    "name": name, "elem": elem}}}
 
-    return [
+    commands = [
         element("group_oifs", [{"concat": [plan.mark, plan.iface]}]),
         element("iif_marks", [[plan.iface, plan.mark]]),
         element(level_map_name(plan.level), [[plan.cgroup_nft_path, plan.mark]]),
     ]
+    if plan.ipv6 == "block":
+        commands.append(element("v6_blocked", [plan.mark]))
+    return commands

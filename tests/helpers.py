@@ -1,0 +1,108 @@
+"""Helpers shared by the kernel tests (a plain module; conftest.py imports it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import via_tunnel
+from via_tunnel.lab import Lab, cgroup2_mount
+
+T = TypeVar("T")
+
+# The directory that holds the via_tunnel package this test process imported: children get it
+# on PYTHONPATH so that they run the same code, installed or not.
+PACKAGE_PARENT = str(Path(via_tunnel.__file__).resolve().parents[1])
+
+REQUIRED_PROGRAMS = ("ip", "nsenter", "nft", "openvpn", "curl", "tcpdump", "socat", "sysctl")
+
+
+def missing_prerequisites() -> list[str]:
+    """What the kernel tests need and this machine lacks (empty when all is there)."""
+    missing = [f"program {name!r}" for name in REQUIRED_PROGRAMS if shutil.which(name) is None]
+    if os.geteuid() != 0:
+        missing.insert(0, "root")
+    if not os.path.exists("/dev/net/tun"):
+        missing.append("/dev/net/tun")
+    return missing
+
+
+def vt_env_for(lab: Lab) -> dict[str, str]:
+    """Environment for via-tunnel runs in ``lab``: its own state dir and cgroup subtree, so
+    neither a real install nor a lab running side by side is touched."""
+    return {
+        "VIA_TUNNEL_STATE_DIR": f"/run/via-tunnel-test-{lab.prefix}",
+        "VIA_TUNNEL_CGROUP": f"via-tunnel-test-{lab.prefix}",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+
+
+def via_argv(lab: Lab, *args: str) -> list[str]:
+    """Full argv of ``python -m via_tunnel ARGS`` in the lab's client namespace (for callers
+    that start it themselves; pass ``vt_env`` in its environment)."""
+    return [*lab.nsenter(lab.client), sys.executable, "-m", "via_tunnel", *args]
+
+
+def via(
+    lab: Lab,
+    env: Mapping[str, str],
+    *args: str,
+    timeout: float = 30,
+    check: bool = True,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m via_tunnel ARGS`` in the lab's client namespace and wait.
+
+    ``env`` (normally the ``vt_env`` fixture) is added to the current environment. Text mode,
+    stdout and stderr captured. A non-zero exit raises ``LabError`` unless ``check=False``.
+    """
+    argv = [sys.executable, "-m", "via_tunnel", *args]
+    return lab.run(lab.client, argv, env=env, timeout=timeout, check=check, input=input)
+
+
+def via_popen(lab: Lab, env: Mapping[str, str], *args: str, **kw: Any) -> subprocess.Popen[Any]:
+    """Like :func:`via` but in the background: by default stdin is /dev/null and stdout and
+    stderr are text pipes (override with ``kw``). Tracked and killed by ``lab.down()``. The
+    Popen's pid is via-tunnel's, and so CMD's once via-tunnel execs it."""
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("text", True)
+    argv = [sys.executable, "-m", "via_tunnel", *args]
+    return lab.popen(lab.client, argv, env=env, **kw)
+
+
+def wait_for(
+    predicate: Callable[[], T], *, timeout: float = 5, what: str = "condition",
+    interval: float = 0.02,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned) or fail the test after
+    ``timeout`` seconds with "timed out waiting for WHAT"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cgroup_leftovers(env: Mapping[str, str]) -> list[str]:
+    """Cgroups still present below the instance's cgroup subtree (``VIA_TUNNEL_CGROUP``),
+    deepest first; the subtree's own directory does not count."""
+    mount = cgroup2_mount()
+    if mount is None:
+        return []
+    top = os.path.join(mount, env["VIA_TUNNEL_CGROUP"].strip("/"))
+    if not os.path.isdir(top):
+        return []
+    return [d for d, _dirs, _files in os.walk(top, topdown=False) if d != top]

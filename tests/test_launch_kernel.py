@@ -1,0 +1,225 @@
+"""The core launcher on a real kernel, proven with real packets in a namespace lab.
+
+Oracles are independent of our code: what the far end saw (the echo server answers with the
+caller's source address), interface counters and tcpdump for where packets went, and
+``ip -j`` / ``nft -j`` / the cgroup tree for "nothing left behind".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from helpers import cgroup_leftovers, via, via_argv, via_popen, wait_for
+
+from via_tunnel.lab import Capture, Lab
+
+pytestmark = pytest.mark.kernel
+
+LAN, VETH, TUN = Lab.CLIENT_LAN, Lab.CLIENT_VETH, Lab.CLIENT_TUN
+
+
+@pytest.fixture
+def clean(lab: Lab, vt_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """Snapshot the client before a test and require the same state after it."""
+    before = lab.snapshot(lab.client)
+    yield
+    wait_for(lambda: not cgroup_leftovers(vt_env), timeout=5, what="groups to be removed")
+    after = lab.snapshot(lab.client)
+    assert after == before
+    assert not cgroup_leftovers(vt_env)
+    groups_dir = os.path.join(vt_env["VIA_TUNNEL_STATE_DIR"], "groups")
+    assert not [n for n in os.listdir(groups_dir) if n.endswith(".json")] \
+        if os.path.isdir(groups_dir) else True
+
+
+def test_far_end_sees_each_tunnel_address_and_plain_traffic_is_untouched(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    assert lab.run(lab.client, lab.fetch_argv()).stdout.strip() == LAN
+    assert via(lab, vt_env, "vlan3", "--", *lab.fetch_argv()).stdout.strip() == VETH
+    assert via(lab, vt_env, "tun0", "--", *lab.fetch_argv()).stdout.strip() == TUN
+
+
+def test_two_interfaces_at_once_and_the_rest_of_the_machine_unaffected(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    # Both groups live while each fetches; a plain process in between still uses the LAN.
+    script = "sleep 0.5; {fetch}; sleep 1"
+    fetch = " ".join(lab.fetch_argv())
+    a = via_popen(lab, vt_env, "vlan3", "--", "sh", "-c", script.format(fetch=fetch))
+    b = via_popen(lab, vt_env, "tun0", "--", "sh", "-c", script.format(fetch=fetch))
+    wait_for(lambda: len(status(lab, vt_env)) == 2, timeout=5, what="two groups")
+    assert lab.run(lab.client, lab.fetch_argv()).stdout.strip() == LAN
+    out_a, _ = a.communicate(timeout=15)
+    out_b, _ = b.communicate(timeout=15)
+    assert (a.returncode, out_a.strip()) == (0, VETH)
+    assert (b.returncode, out_b.strip()) == (0, TUN)
+
+
+def test_packets_cross_the_tunnel_not_the_lan(lab: Lab, vt_env: dict[str, str],
+                                              clean: None) -> None:
+    with Capture(lab, lab.client, "eth0", f"host {Lab.SERVER}") as lan, \
+            Capture(lab, lab.client, "vlan3", f"host {Lab.SERVER}") as tunnel:
+        assert via(lab, vt_env, "vlan3", "--", *lab.fetch_argv()).stdout.strip() == VETH
+    assert lan.packets() == []
+    assert len(tunnel.packets()) >= 6  # handshake, request, answer, close: both ways
+
+
+def test_ipv6_of_the_group_never_leaves_by_another_interface(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    url = f"http://[{Lab.SERVER6}]/"
+    assert lab.run(lab.client, ["curl", "-s", "--max-time", "5", url]).stdout.strip()
+    with Capture(lab, lab.client, "eth0", "ip6 and not icmp6") as lan:
+        t0 = time.monotonic()
+        r = via(lab, vt_env, "vlan3", "--", "curl", "-s", "--max-time", "5", url, check=False)
+        elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    assert elapsed < 3, "blocked IPv6 must fail at once, not time out"
+    assert lan.packets() == []
+
+
+def test_udp_goes_through_the_tunnel_too(lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    argv = ["socat", "-T2", "-", f"UDP:{Lab.SERVER}:7"]
+    r = via(lab, vt_env, "tun0", "--", *argv, input="hi\n")
+    assert r.stdout.strip() == TUN
+
+
+def test_exit_status_signals_pid_and_stdio_are_cmds_own(lab: Lab, vt_env: dict[str, str],
+                                                         clean: None) -> None:
+    assert via(lab, vt_env, "vlan3", "--", "sh", "-c", "exit 7", check=False).returncode == 7
+    r = via(lab, vt_env, "vlan3", "--", "sh", "-c", "cat; echo err >&2", input="data\n")
+    assert (r.stdout, r.stderr) == ("data\n", "err\n")
+    p = via_popen(lab, vt_env, "vlan3", "--", "sh", "-c", "echo $$; exec sleep 30")
+    assert p.stdout is not None
+    assert int(p.stdout.readline()) == p.pid  # exec'd in place: the PID we started
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=5) == -signal.SIGTERM
+
+
+def test_cmd_not_found_or_not_executable_change_nothing(lab: Lab, vt_env: dict[str, str],
+                                                        clean: None) -> None:
+    r = via(lab, vt_env, "vlan3", "--", "no-such-command-xyz", check=False)
+    assert r.returncode == 127 and "not found" in r.stderr
+    r = via(lab, vt_env, "vlan3", "--", "/etc/hostname", check=False)
+    assert r.returncode == 126
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["nosuch0", "--", "true"], 125, "does not exist"),
+        (["bad/name", "--", "true"], 2, "forbids"),
+        (["x" * 16, "--", "true"], 2, "longer than 15"),
+        (["--bogus", "vlan3", "--", "true"], 2, "unknown option"),
+        (["vlan3"], 2, "missing command"),
+        (["--gateway", "198.51.100.77", "vlan3", "--", "true"], 125, "not on a subnet"),
+        (["--gateway", "nonsense", "vlan3", "--", "true"], 125, "not an IPv4"),
+        (["eth1dead", "--", "true"], 125, "down"),
+        (["vnohop", "--", "true"], 125, "--gateway"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(
+        lab: Lab, vt_env: dict[str, str], clean: None,
+        args: list[str], code: int, message: str) -> None:
+    r = via(lab, vt_env, *args, check=False)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2  # the message (+ usage line)
+
+
+def test_short_run_exiting_does_not_take_the_long_runs_routing(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    fetch = " ".join(lab.fetch_argv())
+    long = via_popen(lab, vt_env, "vlan3", "--", "sh", "-c", f"sleep 1.5; {fetch}")
+    wait_for(lambda: len(status(lab, vt_env)) == 1, timeout=5, what="group")
+    assert via(lab, vt_env, "vlan3", "--", *lab.fetch_argv()).stdout.strip() == VETH
+    time.sleep(0.2)
+    assert len(status(lab, vt_env)) == 1  # the long run still holds the group
+    out, _ = long.communicate(timeout=15)
+    assert out.strip() == VETH
+
+
+def test_backgrounded_grandchild_keeps_the_group_alive(lab: Lab, vt_env: dict[str, str],
+                                                       clean: None, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "answer"
+    fetch = " ".join(lab.fetch_argv())
+    r = via(lab, vt_env, "vlan3", "--", "sh", "-c",
+            f"setsid sh -c 'sleep 1; {fetch} > {out}' </dev/null >/dev/null 2>&1 &")
+    assert r.returncode == 0
+    assert len(status(lab, vt_env)) == 1  # the launcher exited, the grandchild did not
+    wait_for(lambda: out.exists() and out.read_text().strip(), timeout=10, what="answer")
+    assert out.read_text().strip() == VETH
+
+
+def test_twenty_concurrent_launches(lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    procs = [via_popen(lab, vt_env, "vlan3" if i % 2 else "tun0", "--", *lab.fetch_argv())
+             for i in range(20)]
+    answers = [(p.communicate(timeout=30)[0].strip(), p.returncode) for p in procs]
+    assert answers == [((VETH if i % 2 else TUN), 0) for i in range(20)]
+
+
+def test_group_survives_the_terminal_closing(lab: Lab, vt_env: dict[str, str],
+                                             clean: None) -> None:
+    # A new session stands in for a terminal; SIGHUP to it is what closing the terminal does.
+    p = subprocess.Popen(via_argv(lab, "vlan3", "--", "sh", "-c", "sleep 30"),
+                         env={**os.environ, **vt_env}, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: status(lab, vt_env) and status(lab, vt_env)[0]["members"], timeout=5,
+             what="group")
+    watcher = status(lab, vt_env)[0]["watcher"]
+    assert watcher
+    os.killpg(p.pid, signal.SIGHUP)
+    assert p.wait(timeout=5) == -signal.SIGHUP
+    # The watcher was in no way part of that session: it removes the group.
+    wait_for(lambda: not status(lab, vt_env), timeout=5, what="teardown by the watcher")
+
+
+def test_status_lists_groups_members_and_since(lab: Lab, vt_env: dict[str, str],
+                                               clean: None) -> None:
+    p = via_popen(lab, vt_env, "tun0", "--", "sleep", "30")
+    wait_for(lambda: status(lab, vt_env), timeout=5, what="group")
+    (g,) = status(lab, vt_env)
+    assert g["interface"] == "tun0"
+    assert [m["pid"] for m in g["members"]] == [p.pid]
+    assert g["members"][0]["command"] == "sleep 30"
+    assert abs(g["since"] - time.time()) < 30
+    text = via(lab, vt_env, "status").stdout
+    assert "tun0" in text and str(p.pid) in text
+    p.terminate()
+    p.wait(timeout=5)
+
+
+def test_cleanup_recovers_from_a_dead_watcher_and_spares_live_groups(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    p = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")
+    wait_for(lambda: status(lab, vt_env) and status(lab, vt_env)[0]["watcher"], timeout=5,
+             what="watcher")
+    os.kill(status(lab, vt_env)[0]["watcher"], signal.SIGKILL)
+    wait_for(lambda: not status(lab, vt_env)[0]["watcher"], timeout=5, what="watcher death")
+    assert via(lab, vt_env, "cleanup").returncode == 0
+    assert len(status(lab, vt_env)) == 1  # members left: untouched
+    assert via(lab, vt_env, "vlan3", "--", *lab.fetch_argv()).stdout.strip() == VETH
+    p.terminate()
+    p.wait(timeout=5)
+    # The launch above started a new watcher (the old one was dead), so it cleans up;
+    # kill that one too and prove `cleanup` removes an orphaned group by itself.
+    p2 = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")
+    wait_for(lambda: status(lab, vt_env) and status(lab, vt_env)[0]["watcher"], timeout=5,
+             what="watcher")
+    os.kill(status(lab, vt_env)[0]["watcher"], signal.SIGKILL)
+    time.sleep(0.2)
+    p2.terminate()
+    p2.wait(timeout=5)
+    time.sleep(0.2)
+    assert len(status(lab, vt_env)) == 1  # nobody removed it...
+    r = via(lab, vt_env, "cleanup")
+    assert "removed group vlan3" in r.stdout  # ...until cleanup did
+
+
+def status(lab: Lab, env: dict[str, str]) -> list[dict]:  # type: ignore[type-arg]
+    return list(json.loads(via(lab, env, "status", "--json").stdout)["groups"])
