@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,7 +82,10 @@ def via_popen(lab: Lab, env: Mapping[str, str], *args: str, **kw: Any) -> subpro
 
 
 def wait_for(
-    predicate: Callable[[], T], *, timeout: float = 5, what: str = "condition",
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 5,
+    what: str = "condition",
     interval: float = 0.02,
 ) -> T:
     """Poll ``predicate`` until it returns something truthy (returned) or fail the test after
@@ -106,3 +110,11 @@ def cgroup_leftovers(env: Mapping[str, str]) -> list[str]:
     if not os.path.isdir(top):
         return []
     return [d for d, _dirs, _files in os.walk(top, topdown=False) if d != top]
+
+
+def canonical(snapshot: Any) -> Any:
+    """A snapshot with every route list sorted: an interface going down and up re-adds the
+    kernel's own routes in another order, which is not a change of ours."""
+    routes = {fam: sorted(rs, key=lambda r: json.dumps(r, sort_keys=True))
+              for fam, rs in snapshot["routes"].items()}
+    return {**snapshot, "routes": routes}

@@ -157,6 +157,12 @@ def test_snapshot(lab: Lab) -> None:
     assert snap == lab.snapshot(lab.client)
 
 
+def test_ip_json_of_a_missing_table_is_empty(lab: Lab) -> None:
+    assert lab.ip_json(lab.client, "route", "show", "table", "12345") == []
+    with pytest.raises(LabError, match="nope0"):
+        lab.ip_json(lab.client, "link", "show", "dev", "nope0")
+
+
 def test_run_reports_failures(lab: Lab) -> None:
     with pytest.raises(LabError, match="exit 1"):
         lab.run(lab.client, ["false"])

@@ -114,7 +114,10 @@ def demo(
 def run_app(args: list[str]) -> int:
     """Run the typer app; turn our errors into one line and exit code 125."""
     try:
-        app(args=args, prog_name="via-tunnel", standalone_mode=False)
+        # In non-standalone mode click returns the code of typer.Exit instead of raising.
+        rc = app(args=args, prog_name="via-tunnel", standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
     except ViaTunnelError as exc:
         from via_tunnel.cli import report
 

@@ -128,6 +128,7 @@ class Lab:
         self.up_seconds: float | None = None  # how long the last up() took
         self._created: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
+        self._vpn_client: subprocess.Popen[Any] | None = None
         self._lock = threading.Lock()
 
     # -- context manager ---------------------------------------------------------------
@@ -237,8 +238,13 @@ class Lab:
     # -- independent observation ---------------------------------------------------------
 
     def ip_json(self, ns: str, *args: str) -> Any:
-        """Run ``ip -j ARGS`` in ``ns`` and return the parsed JSON (``[]`` for no output)."""
-        proc = self.run(ns, ["ip", "-j", *args], timeout=_IP_TIMEOUT)
+        """Run ``ip -j ARGS`` in ``ns`` and return the parsed JSON: ``[]`` for no output and
+        for a routing table that does not exist; any other failure raises :class:`LabError`."""
+        proc = self.run(ns, ["ip", "-j", *args], timeout=_IP_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            if "table does not exist" in proc.stderr:
+                return []
+            raise LabError(f"ip -j {' '.join(args)} in {ns}: {proc.stderr.strip()}")
         return _parse_json(proc.stdout, default=[])
 
     def link_stats(self, ns: str, ifname: str) -> dict[str, int]:
@@ -390,17 +396,39 @@ class Lab:
                            capture_output=True, timeout=10)  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:
             raise LabError(f"openvpn --genkey failed: {exc}") from exc
-        ends = (
-            (self.gateway, "0", self.GW_WAN, self.CLIENT_LAN, self.GW_TUN, self.CLIENT_TUN),
-            (self.client, "1", self.CLIENT_LAN, self.GW_WAN, self.CLIENT_TUN, self.GW_TUN),
-        )
-        procs = []
-        for ns, direction, local, remote, addr, peer in ends:
-            argv = openvpn_argv(str(key), direction, local, remote, addr, peer,
-                                log=str(self.workdir / f"openvpn-{ns}.log"))  # fmt: skip
-            procs.append(self.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+        procs = [self._openvpn_end(self.gateway), self._openvpn_end(self.client)]
+        self._vpn_client = procs[1]
         return procs
+
+    def _openvpn_end(self, ns: str) -> subprocess.Popen[Any]:
+        if ns == self.gateway:
+            end = ("0", self.GW_WAN, self.CLIENT_LAN, self.GW_TUN, self.CLIENT_TUN)
+        else:
+            end = ("1", self.CLIENT_LAN, self.GW_WAN, self.CLIENT_TUN, self.GW_TUN)
+        argv = openvpn_argv(str(self.workdir / "static.key"), *end,
+                            log=str(self.workdir / f"openvpn-{ns}.log"))  # fmt: skip
+        return self.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+    def kill_client_vpn(self) -> None:
+        """SIGKILL the client's openvpn (as a crash would): its tun0 disappears."""
+        proc = self._vpn_client
+        if proc is None:
+            raise LabError("this lab has no OpenVPN tunnel")
+        proc.kill()
+        proc.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            names = [link.get("ifname") for link in self.ip_json(self.client, "link", "show")]
+            if "tun0" not in names:
+                return
+            time.sleep(0.01)
+        raise LabError("tun0 did not go away after openvpn was killed")
+
+    def start_client_vpn(self, timeout: float = 10) -> None:
+        """Start the client's openvpn again and wait until the tunnel carries a ping."""
+        self._vpn_client = self._openvpn_end(self.client)
+        self._wait_tunnel([self._vpn_client], timeout)
 
     def _wait_tunnel(self, vpns: list[subprocess.Popen[Any]], timeout: float) -> None:
         """Ping across the tunnel until a reply; give up at once if an openvpn exits."""
@@ -497,9 +525,7 @@ class Capture:
     cap: ...`` then ``assert cap.packets() == []`` (and ``cap.dropped == 0``).
     """
 
-    def __init__(
-        self, lab: Lab, ns: str, iface: str, bpf: str = "", *, timeout: float = 5
-    ) -> None:
+    def __init__(self, lab: Lab, ns: str, iface: str, bpf: str = "", *, timeout: float = 5) -> None:
         self.ns_path = lab.ns_path(ns)
         self.iface = iface
         self.bpf = bpf
@@ -532,9 +558,14 @@ class Capture:
         if self.bpf:
             argv.append(self.bpf)
         self._out = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop())
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.PIPE
-        )
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.PIPE
+            )
+        except OSError as exc:
+            self._out.close()
+            self._out = None
+            raise LabError(f"cannot start tcpdump: {exc}") from exc
         assert self._proc.stderr is not None
         seen = _read_until(self._proc.stderr, b"listening on", self.timeout)
         self.stderr = seen.decode(errors="replace")

@@ -8,9 +8,12 @@ terminal), so no Python process stays resident per launched program.
 
 from __future__ import annotations
 
-import _signal  # the C module: `signal` imports enum, which the hot path cannot afford
+import _signal  # the C modules: `signal` and `socket` import enum, which the hot path
+import _socket  # cannot afford (it costs more than the rest of a warm launch)
+import fcntl
 import os
 import stat
+import struct
 import sys
 
 from via_tunnel.errors import (
@@ -101,6 +104,26 @@ def resolve(cmd: str, path_env: str | None = None) -> str:
     raise ViaTunnelError(f"{cmd}: command not found", EXIT_NOT_FOUND)
 
 
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+
+
+def check_link(iface: str) -> None:
+    """Refuse an interface that does not exist or is down (one ioctl: cheap enough for the
+    warm path, which otherwise trusts the group record)."""
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        req = struct.pack("16sH14x", iface.encode("utf-8", "surrogateescape"), 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, req))[1]
+    except OSError:
+        raise ViaTunnelError(f"interface {iface} does not exist") from None
+    finally:
+        sock.close()
+    if not (flags & IFF_UP and flags & IFF_RUNNING):
+        raise ViaTunnelError(f"interface {iface} is down")
+
+
 def run(args: LaunchArgs) -> None:
     """Put this process into IFACE's group and exec CMD. Returns only by raising."""
     from via_tunnel import cgroup, state
@@ -110,6 +133,7 @@ def run(args: LaunchArgs) -> None:
     if os.geteuid() != 0:
         raise ViaTunnelError("via-tunnel needs root to change routing (run it with sudo)")
     settings = Settings.from_env()
+    check_link(args.iface)
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
         if rec is None or not os.path.isdir(rec.cgroup) or (

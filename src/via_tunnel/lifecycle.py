@@ -157,6 +157,31 @@ def kill_sockets(path: str) -> None:
                        stderr=subprocess.DEVNULL, check=False, timeout=5)
 
 
+def repair(settings: Settings, iface: str) -> bool:
+    """Re-add the group's routes after its interface came back (up again, or re-created
+    with the same name). Caller holds the lock. Returns True when routing is in place.
+
+    While the interface is down or gone the kernel has removed every route through it;
+    the table's ``unreachable`` default and the postrouting drop keep the group closed.
+    All adds are idempotent, so calling this on every link event is harmless.
+    """
+    from via_tunnel import netlink
+    from via_tunnel.plan import plan_group
+
+    rec = state.load(settings, iface)
+    if rec is None:
+        return False
+    try:
+        facts = netlink.link_facts(iface)
+        plan = plan_group(facts, slot=rec.slot, level=rec.level,
+                          cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
+                          ipv6="block" if rec.ipv6 == "block" else "auto")
+    except ViaTunnelError:
+        return False  # down, gone or changed beyond use: stay closed
+    netlink.apply(plan.rules, plan.routes)
+    return True
+
+
 def teardown_if_empty(settings: Settings, iface: str) -> bool:
     """Tear the group down if it has no process left. Caller holds the lock."""
     rec = state.load(settings, iface)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import sys
+from typing import Any
 
 from via_tunnel import cgroup, lifecycle, state
 from via_tunnel.settings import Settings
@@ -77,16 +79,70 @@ def _detach() -> None:
 
 
 def watch(settings: Settings, iface: str) -> None:
-    """Wait until the group of ``iface`` is empty, then tear it down; return when gone.
+    """Keep the group of ``iface`` routed while it lives; tear it down once it is empty.
 
-    The emptiness check is repeated under the lock: a launcher may have joined between the
-    wake-up and the lock, and then the group lives on.
+    Two event sources, one poll: ``cgroup.events`` (POLLPRI on every change) and rtnetlink
+    link/address/route notifications, after which the routes are repaired (the kernel drops
+    them when the interface goes down or away; fail-closed meanwhile). Emptiness is
+    re-checked under the lock: a launcher may have joined between wake-up and lock.
     """
-    while True:
-        rec = state.load(settings, iface)
-        if rec is None:
-            return
-        cgroup.wait_unpopulated(rec.cgroup)
-        with state.locked(settings):
-            if lifecycle.teardown_if_empty(settings, iface):
+    events = _rtnl_events()
+    try:
+        while True:
+            rec = state.load(settings, iface)
+            if rec is None:
                 return
+            try:
+                cg_fd = os.open(os.path.join(rec.cgroup, "cgroup.events"), os.O_RDONLY)
+            except FileNotFoundError:
+                cg_fd = -1
+            try:
+                poller = select.poll()
+                if cg_fd >= 0:
+                    poller.register(cg_fd, select.POLLPRI | select.POLLERR)
+                if events is not None:
+                    poller.register(events.fileno(), select.POLLIN)
+                ready = {fd for fd, _ in poller.poll()} if cgroup.populated(rec.cgroup) \
+                    else {cg_fd}
+            finally:
+                if cg_fd >= 0:
+                    os.close(cg_fd)
+            if events is not None and events.fileno() in ready:
+                _drain(events)
+                with state.locked(settings):
+                    lifecycle.repair(settings, iface)
+            if cg_fd in ready or not cgroup.populated(rec.cgroup):
+                with state.locked(settings):
+                    if lifecycle.teardown_if_empty(settings, iface):
+                        return
+    finally:
+        if events is not None:
+            events.close()
+
+
+def _rtnl_events() -> Any:
+    """An rtnetlink socket subscribed to link, address and route changes (or None)."""
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import (
+            RTMGRP_IPV4_IFADDR,
+            RTMGRP_IPV4_ROUTE,
+            RTMGRP_IPV6_IFADDR,
+            RTMGRP_IPV6_ROUTE,
+            RTMGRP_LINK,
+        )
+
+        ipr = IPRoute()
+        ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+                 | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE)
+        return ipr
+    except Exception:  # without events the group still works; it only cannot self-repair
+        return None
+
+
+def _drain(events: Any) -> None:
+    """Read every pending notification (their content does not matter: we re-check)."""
+    poller = select.poll()
+    poller.register(events.fileno(), select.POLLIN)
+    while poller.poll(0):
+        events.get()
