@@ -24,19 +24,21 @@ from via_tunnel.errors import (
 )
 from via_tunnel.names import validate_ifname
 
-USAGE = ("usage: via-tunnel [--gateway ADDR] [--ipv6 auto|tunnel|block] [--debug] "
-         "IFACE -- CMD [ARG...]")
+USAGE = ("usage: via-tunnel [--gateway ADDR] [--dns ADDR]... [--ipv6 auto|tunnel|block] "
+         "[--debug] IFACE -- CMD [ARG...]")
 IPV6_MODES = ("auto", "tunnel", "block")
 
 
 class LaunchArgs:
     """The parsed launch form."""
 
-    __slots__ = ("argv", "debug", "gateway", "iface", "ipv6")
+    __slots__ = ("argv", "debug", "dns", "gateway", "iface", "ipv6")
 
     def __init__(self, iface: str, argv: list[str], gateway: str | None = None,
-                 ipv6: str = "auto", debug: bool = False) -> None:
+                 ipv6: str = "auto", debug: bool = False,
+                 dns: tuple[str, ...] = ()) -> None:
         self.iface = iface
+        self.dns = dns
         self.argv = argv
         self.gateway = gateway
         self.ipv6 = ipv6
@@ -49,6 +51,7 @@ def parse(args: list[str]) -> LaunchArgs:
     gateway: str | None = None
     ipv6 = "auto"
     debug = False
+    dns: list[str] = []
     i = 0
     while i < len(args) and args[i].startswith("-") and args[i] != "--":
         opt, eq, val = args[i].partition("=")
@@ -56,7 +59,7 @@ def parse(args: list[str]) -> LaunchArgs:
             debug = True
             i += 1
             continue
-        if opt in ("--gateway", "--ipv6"):
+        if opt in ("--gateway", "--ipv6", "--dns"):
             if not eq:
                 if i + 1 >= len(args):
                     raise UsageError(f"option {opt} needs a value\n{USAGE}")
@@ -64,6 +67,8 @@ def parse(args: list[str]) -> LaunchArgs:
                 i += 1
             if opt == "--gateway":
                 gateway = val
+            elif opt == "--dns":
+                dns.append(val)
             else:
                 if val not in IPV6_MODES:
                     raise UsageError(f"--ipv6 must be one of {', '.join(IPV6_MODES)}")
@@ -79,7 +84,8 @@ def parse(args: list[str]) -> LaunchArgs:
         rest = rest[1:]
     if not rest:
         raise UsageError(f"missing command to run\n{USAGE}")
-    return LaunchArgs(iface=iface, argv=rest, gateway=gateway, ipv6=ipv6, debug=debug)
+    return LaunchArgs(iface=iface, argv=rest, gateway=gateway, ipv6=ipv6, debug=debug,
+                      dns=tuple(dns))
 
 
 def resolve(cmd: str, path_env: str | None = None) -> str:
@@ -136,20 +142,29 @@ def run(args: LaunchArgs) -> None:
     check_link(args.iface)
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
-        if rec is None or not os.path.isdir(rec.cgroup) or (
-            args.gateway is not None and args.gateway != rec.gateway4
-        ):
+        if rec is None or not os.path.isdir(rec.cgroup) or args.gateway or args.dns:
             from via_tunnel import lifecycle
 
             rec = lifecycle.ensure_group(settings, args.iface, gateway=args.gateway,
-                                         ipv6=args.ipv6)  # type: ignore[arg-type]
+                                         ipv6=args.ipv6, dns=args.dns)  # type: ignore[arg-type]
         if not state.watcher_alive(settings, args.iface):
             from via_tunnel import watcher
 
             watcher.spawn(settings, args.iface, close_fds=(lock_fd,))
         cgroup.join(rec.cgroup)
         # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
+    if rec.dns4 is None and rec.dns6 is None:
+        warn_if_dns_refused(args.iface)
     exec_in_place(path, args.argv)
+
+
+def warn_if_dns_refused(iface: str) -> None:
+    """Say once, on stderr, that the system's local DNS stub is refused to the group."""
+    from via_tunnel.resolvers import system_uses_local_stub
+
+    if system_uses_local_stub():
+        print(f"via-tunnel: no resolver known for {iface}: DNS through this host's local "
+              f"resolver is refused (it would leak); pass --dns ADDR", file=sys.stderr)
 
 
 def exec_in_place(path: str, argv: list[str]) -> None:

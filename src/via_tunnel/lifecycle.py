@@ -41,7 +41,8 @@ def group_path(settings: Settings, mount: str, iface: str) -> str:
 
 
 def ensure_group(
-    settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto"
+    settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto",
+    dns: tuple[str, ...] = (),
 ) -> GroupRecord:
     """Return the active group of ``iface``, creating it if needed. Caller holds the lock.
 
@@ -50,18 +51,31 @@ def ensure_group(
     rec = state.load(settings, iface)
     if rec is not None:
         if os.path.isdir(rec.cgroup):
-            if gateway is not None and rec.gateway4 not in (None, gateway):
-                raise ViaTunnelError(
-                    f"{iface} is already in use with gateway {rec.gateway4}; "
-                    f"--gateway {gateway} would change the routing of running programs"
-                )
+            check_compatible(rec, gateway=gateway, dns=dns)
             return rec
         teardown(settings, rec)  # a stale record from a crash: start clean
-    return _create(settings, iface, gateway=gateway, ipv6=ipv6)
+    return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
 
 
-def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode) -> GroupRecord:
-    from via_tunnel import netlink
+def check_compatible(rec: GroupRecord, *, gateway: str | None, dns: tuple[str, ...]) -> None:
+    """A run joining an existing group may not ask for other routing than it has: that
+    would silently change the traffic of the programs already running in it."""
+    from via_tunnel.plan import split_resolvers
+
+    if gateway is not None and rec.gateway4 not in (None, gateway):
+        raise ViaTunnelError(
+            f"{rec.iface} is already in use with gateway {rec.gateway4}; "
+            f"--gateway {gateway} would change the routing of running programs")
+    if dns and split_resolvers(dns) != (rec.dns4, rec.dns6):
+        have = ", ".join(a for a in (rec.dns4, rec.dns6) if a) or "no --dns"
+        raise ViaTunnelError(
+            f"{rec.iface} is already in use with {have}; a different --dns would change "
+            f"the DNS of running programs")
+
+
+def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
+            dns: tuple[str, ...]) -> GroupRecord:
+    from via_tunnel import netlink, resolvers
     from via_tunnel.plan import plan_group
 
     mount = cgroup.cgroup2_mount()
@@ -69,13 +83,18 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     slot = state.free_slot(state.load_all(settings))
     facts = netlink.link_facts(iface)
     plan = plan_group(facts, slot=slot, level=cgroup.level_of(path, mount),
-                      cgroup_nft_path=cgroup.nft_path(path), gateway=gateway, ipv6=ipv6)
+                      cgroup_nft_path=cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
+                      dns=dns or resolvers.link_resolvers(iface))
     rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
                       level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
-                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6)
+                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6,
+                      dns4=plan.dns4, dns6=plan.dns6)
     state.save(settings, rec)
     try:
         sysctl.ensure(settings)
+        if plan.sysctls:
+            rec.saved_sysctls = sysctl.apply_saving(plan.sysctls)
+            state.save(settings, rec)
         cgroup.make(path)
         netlink.apply(plan.rules, plan.routes)
         _nft_attach(plan)
@@ -119,6 +138,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         else:
             _nft_detach(plan)
     netlink.remove(plan.rules, [rec.table])
+    sysctl.put_back(rec.saved_sysctls)
     cgroup.remove(rec.cgroup)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state.watcher_lock_path(settings, rec.iface))
@@ -175,10 +195,12 @@ def repair(settings: Settings, iface: str) -> bool:
         facts = netlink.link_facts(iface)
         plan = plan_group(facts, slot=rec.slot, level=rec.level,
                           cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
-                          ipv6="block" if rec.ipv6 == "block" else "auto")
+                          ipv6="block" if rec.ipv6 == "block" else "auto",
+                          dns=tuple(a for a in (rec.dns4, rec.dns6) if a))
     except ViaTunnelError:
         return False  # down, gone or changed beyond use: stay closed
     netlink.apply(plan.rules, plan.routes)
+    sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
     return True
 
 

@@ -8,7 +8,7 @@ setup and teardown, so the two can never disagree about what "ours" is.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
 from typing import Any, Literal
 
@@ -81,7 +81,9 @@ class GroupPlan:
     routes: tuple[RouteSpec, ...]
     ipv6: Literal["tunnel", "block"]
     gateway4: str | None = None
-    notes: tuple[str, ...] = field(default=())
+    dns4: str | None = None  # every DNS query of the group goes here (DNAT), through IFACE
+    dns6: str | None = None
+    sysctls: tuple[tuple[str, str], ...] = ()  # (path, value) the group needs while it lives
 
 
 def plan_group(
@@ -92,6 +94,7 @@ def plan_group(
     cgroup_nft_path: str,
     gateway: str | None = None,
     ipv6: IPv6Mode = "auto",
+    dns: tuple[str, ...] = (),
 ) -> GroupPlan:
     """Plan the routing of one group through ``facts.name``.
 
@@ -132,11 +135,43 @@ def plan_group(
                             metric=UNREACHABLE_METRIC))
     rules = tuple(RuleSpec(fam, RULE_PRIORITY, mark, MARK_MASK, table)
                   for fam in (AF_INET, AF_INET6))
+    dns4, dns6 = split_resolvers(dns)
+    if dns6 is not None and v6_mode == "block":
+        raise ViaTunnelError(
+            f"--dns {dns6}: the group's IPv6 is blocked ({facts.name} has no IPv6 route)")
+    sysctls: tuple[tuple[str, str], ...] = ()
+    if dns4 is not None:
+        # Queries to a local stub (127.0.0.53) leave with source 127.0.0.1 once DNATed;
+        # the kernel routes such packets off the host only with route_localnet.
+        sysctls = ((f"/proc/sys/net/ipv4/conf/{facts.name}/route_localnet", "1"),)
     return GroupPlan(
         iface=facts.name, slot=slot, mark=mark, table=table, level=level,
         cgroup_nft_path=cgroup_nft_path, rules=rules, routes=tuple(routes), ipv6=v6_mode,
-        gateway4=nexthop,
+        gateway4=nexthop, dns4=dns4, dns6=dns6, sysctls=sysctls,
     )
+
+
+def split_resolvers(dns: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """The first IPv4 and the first IPv6 resolver of ``dns`` (validated).
+
+    One per family: a DNAT target is one address. Later ones are accepted as fallbacks a
+    user may list, but only the first of each family is used (documented).
+    """
+    v4: str | None = None
+    v6: str | None = None
+    for text in dns:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            raise ViaTunnelError(f"--dns {text!r} is not an IP address") from None
+        if addr.is_loopback or addr.is_unspecified or addr.is_multicast:
+            raise ViaTunnelError(f"--dns {addr}: a resolver must be reachable through the "
+                                 f"interface, not a local or special address")
+        if addr.version == 4:
+            v4 = v4 or str(addr)
+        else:
+            v6 = v6 or str(addr)
+    return v4, v6
 
 
 def _check_gateway(facts: LinkFacts, gateway: str) -> str:
@@ -181,6 +216,9 @@ table inet via_tunnel {
     # Marks of groups whose IPv6 is blocked: refused at once (TCP reset / ICMP
     # admin-prohibited) so dual-stack clients fall back to IPv4 instead of timing out.
     set v6_blocked { type mark; }
+    # mark -> resolver: every DNS query of the group is sent there (through the interface).
+    map dns4 { type mark : ipv4_addr; }
+    map dns6 { type mark : ipv6_addr; }
 
     chain route_output {
         type route hook output priority mangle; policy accept;
@@ -191,12 +229,28 @@ table inet via_tunnel {
     }
     chain refuse_v6 {
         fib daddr type local return
+        jump refuse
+    }
+    chain refuse {
         meta l4proto tcp reject with tcp reset
         reject with icmpx admin-prohibited
     }
     # One rule per cgroup level in use: cgroup -> mark, for the group's own sockets.
     # Matching sockets (not only the ct mark) keeps the mark when conntrack loses a flow.
     chain group_sockets {
+    }
+    chain nat_output {
+        type nat hook output priority -100; policy accept;  # dstnat
+        meta mark & 0x80000000 == 0 accept
+        meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 dnat ip to meta mark map @dns4
+        meta nfproto ipv6 meta l4proto { tcp, udp } th dport 53 dnat ip6 to meta mark map @dns6
+    }
+    # After DNAT: a group's DNS query still aimed at this host (a local stub such as
+    # 127.0.0.53 would ask upstream from its own socket, outside the group) is refused.
+    chain filter_output {
+        type filter hook output priority filter; policy accept;
+        meta mark & 0x80000000 == 0 accept
+        meta l4proto { tcp, udp } th dport 53 fib daddr type local jump refuse
     }
     chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
@@ -266,4 +320,8 @@ def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict
     ]
     if plan.ipv6 == "block":
         commands.append(element("v6_blocked", [plan.mark]))
+    if plan.dns4 is not None:
+        commands.append(element("dns4", [[plan.mark, plan.dns4]]))
+    if plan.dns6 is not None:
+        commands.append(element("dns6", [[plan.mark, plan.dns6]]))
     return commands

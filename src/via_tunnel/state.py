@@ -22,12 +22,14 @@ class GroupRecord:
     A plain class rather than a dataclass: it is read on every (warm) launch.
     """
 
-    __slots__ = ("cgroup", "cgroup_nft_path", "created", "gateway4", "iface", "ipv6",
-                 "level", "mark", "slot", "table")
+    __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "gateway4", "iface",
+                 "ipv6", "level", "mark", "saved_sysctls", "slot", "table")
 
     def __init__(self, *, iface: str, slot: int, mark: int, table: int, level: int,
                  cgroup: str, cgroup_nft_path: str, created: float,
-                 gateway4: str | None = None, ipv6: str = "block") -> None:
+                 gateway4: str | None = None, ipv6: str = "block", dns4: str | None = None,
+                 dns6: str | None = None,
+                 saved_sysctls: dict[str, str] | None = None) -> None:
         self.iface = iface
         self.slot = slot
         self.mark = mark
@@ -38,6 +40,9 @@ class GroupRecord:
         self.created = created
         self.gateway4 = gateway4
         self.ipv6 = ipv6
+        self.dns4 = dns4
+        self.dns6 = dns6
+        self.saved_sysctls = saved_sysctls or {}  # per-interface sysctls to put back
 
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__slots__}

@@ -39,6 +39,25 @@ def ensure(settings: Settings) -> None:
             _write(path, value)
 
 
+def apply_saving(values: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Set each (path, value); return the previous values of those that changed."""
+    saved = {}
+    for path, value in values:
+        old = _read(path)
+        if old != value:
+            _write(path, value)
+            saved[path] = old
+    return saved
+
+
+def put_back(saved: dict[str, str]) -> None:
+    """Restore what :func:`apply_saving` returned; an interface gone meanwhile is fine."""
+    for path, value in saved.items():
+        if path.startswith("/proc/sys/net/"):
+            with contextlib.suppress(OSError):
+                _write(path, value)
+
+
 def restore(settings: Settings) -> None:
     """Put back what :func:`ensure` found (called when the last group is gone)."""
     try:
