@@ -410,6 +410,23 @@ class Lab:
         return self.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
+    def start_dns(self, ns: str, *addresses: str) -> Path:
+        """Run a DNS responder on ``addresses`` (port 53, UDP+TCP) in ``ns``; returns its
+        query log (``PROTO SOURCE NAME`` per line). Stopped by :meth:`down`."""
+        log = self.workdir / f"dns-{ns}-{len(list(self.workdir.glob('dns-*')))}.log"
+        log.touch()
+        proc = self.popen(ns, helper_argv("dns-serve", str(log), *addresses),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        _wait_ready(proc, timeout=10)
+        return log
+
+    def dns_argv(self, server: str, name: str = "example.test", *, tcp: bool = False,
+                 timeout: float = 2) -> list[str]:
+        """Argv of a DNS query (A record) to ``server``: prints the answer or ``FAIL``."""
+        return helper_argv("dns", server, name, "--timeout", str(timeout),
+                           *(["--tcp"] if tcp else []))
+
     def kill_client_vpn(self) -> None:
         """SIGKILL the client's openvpn (as a crash would): its tun0 disappears."""
         proc = self._vpn_client
@@ -819,6 +836,101 @@ def udp_query(host: str, port: int, timeout: float) -> str | None:
             return None
 
 
+DNS_ANSWER = "198.51.100.10"  # what the lab's resolvers answer for every A question
+
+
+def _dns_reply(query: bytes, answer: str) -> tuple[bytes, str]:
+    """A minimal DNS answer to ``query``: its question echoed and one A record (or none
+    for other types). Returns the reply and the question's name. Enough for tests."""
+    ident, _flags, qdcount = struct.unpack("!HHH", query[:6])
+    pos, labels = 12, []
+    while query[pos]:
+        n = query[pos]
+        labels.append(query[pos + 1:pos + 1 + n].decode(errors="replace"))
+        pos += n + 1
+    question = query[12:pos + 5]
+    qtype = struct.unpack("!H", query[pos + 1:pos + 3])[0]
+    records = b""
+    if qtype == 1 and qdcount == 1:
+        records = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(answer)
+    header = struct.pack("!HHHHHH", ident, 0x8180, 1, 1 if records else 0, 0, 0)
+    return header + question + records, ".".join(labels)
+
+
+def dns_serve(addresses: list[str], log: str, answer: str = DNS_ANSWER) -> None:
+    """Answer DNS over UDP and TCP port 53 on ``addresses``; append one line per query
+    (``PROTO SOURCE NAME``) to ``log``, so a test sees who asked and by which path."""
+    import socketserver
+
+    lock = threading.Lock()
+
+    def record(proto: str, source: str, name: str) -> None:
+        with lock, open(log, "a") as f:
+            f.write(f"{proto} {source} {name}\n")
+
+    class Udp(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            reply, name = _dns_reply(data, answer)
+            record("udp", self.client_address[0], name)
+            sock.sendto(reply, self.client_address)
+
+    class Tcp(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            conn = self.request
+            conn.settimeout(5)
+            size = struct.unpack("!H", conn.recv(2))[0]
+            data = b""
+            while len(data) < size:
+                chunk = conn.recv(size - len(data))
+                if not chunk:
+                    return
+                data += chunk
+            reply, name = _dns_reply(data, answer)
+            record("tcp", self.client_address[0], name)
+            conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+    servers: list[socketserver.BaseServer] = []
+    for addr in addresses:
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        udp_cls = type("U", (socketserver.ThreadingUDPServer,),
+                       {"address_family": fam, "daemon_threads": True})
+        tcp_cls = type("T", (socketserver.ThreadingTCPServer,),
+                       {"address_family": fam, "daemon_threads": True,
+                        "allow_reuse_address": True})
+        servers += [udp_cls((addr, 53), Udp), tcp_cls((addr, 53), Tcp)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        signal.pause()
+
+
+def dns_query(server: str, name: str, *, tcp: bool, timeout: float) -> str | None:
+    """Ask ``server`` for the A record of ``name``; the address, or None on no answer."""
+    query = struct.pack("!HHHHHH", os.getpid() & 0xFFFF, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    query += struct.pack("!HH", 1, 1)
+    fam = socket.AF_INET6 if ":" in server else socket.AF_INET
+    try:
+        with socket.socket(fam, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            if tcp:
+                sock.connect((server, 53))
+                sock.sendall(struct.pack("!H", len(query)) + query)
+                size = struct.unpack("!H", sock.recv(2))[0]
+                reply = sock.recv(size)
+            else:
+                sock.sendto(query, (server, 53))
+                reply = sock.recv(4096)
+    except OSError:
+        return None
+    if len(reply) < 16 or struct.unpack("!H", reply[6:8])[0] == 0:
+        return None
+    return socket.inet_ntoa(reply[-4:])
+
+
 def main(argv: list[str] | None = None) -> int:
     """``serve``, ``ping``, ``udp`` (the helpers above) and ``down PREFIX``."""
     parser = argparse.ArgumentParser(prog="via_tunnel.lab")
@@ -835,6 +947,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--timeout", type=float, default=5)
+    p = sub.add_parser("dns-serve")
+    p.add_argument("log")
+    p.add_argument("addresses", nargs="+")
+    p = sub.add_parser("dns")
+    p.add_argument("server")
+    p.add_argument("name")
+    p.add_argument("--tcp", action="store_true")
+    p.add_argument("--timeout", type=float, default=2)
     p = sub.add_parser("up", help="build a lab, print its prefix and leave it up")
     p.add_argument("--prefix")
     p.add_argument("--no-openvpn", action="store_true")
@@ -853,6 +973,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         sys.stdout.write(answer)
         return 0
+    if args.cmd == "dns-serve":
+        dns_serve(args.addresses, args.log)
+        return 0
+    if args.cmd == "dns":
+        got = dns_query(args.server, args.name, tcp=args.tcp, timeout=args.timeout)
+        print(got or "FAIL")
+        return 0 if got else 1
     if args.cmd == "up":
         lab = Lab(args.prefix, openvpn=not args.no_openvpn).up()
         print(f"{lab.prefix} up in {lab.up_seconds:.2f}s: {' '.join(lab.namespaces)}")

@@ -1,0 +1,85 @@
+"""DNS of a group never leaves by another interface: with --dns every query (UDP and TCP,
+to any resolver, a local stub included) goes to that resolver through the interface;
+without it, the local stub (which would ask upstream outside the group) is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import via, via_argv
+
+from via_tunnel.lab import DNS_ANSWER, Capture, Lab
+
+pytestmark = pytest.mark.kernel
+
+RESOLVER = "198.51.100.53"  # in the "internet": reachable only through a tunnel or the LAN
+LAN_RESOLVER = "192.0.2.1"  # the LAN router: what the host's resolv.conf would name
+STUB = "127.0.0.53"
+
+
+@pytest.fixture(scope="module")
+def resolvers(lab: Lab) -> Iterator[tuple[Path, Path]]:
+    """A resolver in the internet namespace and a local stub in the client; their logs."""
+    lab.run(lab.inet, ["ip", "addr", "add", f"{RESOLVER}/32", "dev", "lo"])
+    try:
+        yield lab.start_dns(lab.inet, RESOLVER), lab.start_dns(lab.client, STUB)
+    finally:
+        lab.run(lab.inet, ["ip", "addr", "del", f"{RESOLVER}/32", "dev", "lo"])
+
+
+def lines(log: Path) -> list[str]:
+    return log.read_text().splitlines()
+
+
+def test_dns_option_sends_every_query_through_the_tunnel(
+        lab: Lab, vt_env: dict[str, str], resolvers: tuple[Path, Path]) -> None:
+    remote, stub = resolvers
+    before_remote, before_stub = len(lines(remote)), len(lines(stub))
+    script = "; ".join(" ".join(argv) for argv in (
+        lab.dns_argv(LAN_RESOLVER, "udp.test"),
+        lab.dns_argv(LAN_RESOLVER, "tcp.test", tcp=True),
+        lab.dns_argv(STUB, "stub.test"),
+        lab.dns_argv(STUB, "stubtcp.test", tcp=True),
+    ))
+    with Capture(lab, lab.client, "eth0", "port 53") as lan:
+        r = via(lab, vt_env, "--dns", RESOLVER, "tun0", "--", "sh", "-c", script)
+    assert r.stdout.split() == [DNS_ANSWER] * 4
+    assert lines(remote)[before_remote:] == [
+        f"udp {Lab.CLIENT_TUN} udp.test", f"tcp {Lab.CLIENT_TUN} tcp.test",
+        f"udp {Lab.CLIENT_TUN} stub.test", f"tcp {Lab.CLIENT_TUN} stubtcp.test",
+    ]
+    assert lines(stub)[before_stub:] == []
+    assert lan.packets() == []
+
+
+def test_without_dns_the_local_stub_is_refused_and_nothing_leaves_by_the_lan(
+        lab: Lab, vt_env: dict[str, str], resolvers: tuple[Path, Path]) -> None:
+    _remote, stub = resolvers
+    before_stub = len(lines(stub))
+    # Outside the group the stub works (the rest of the machine is untouched).
+    assert lab.run(lab.client, lab.dns_argv(STUB, "plain.test")).stdout.strip() == DNS_ANSWER
+    assert len(lines(stub)) == before_stub + 1
+    with Capture(lab, lab.client, "eth0", "port 53") as lan:
+        r = via(lab, vt_env, "tun0", "--", "sh", "-c", "; ".join(
+            " ".join(argv) for argv in (lab.dns_argv(STUB, "leak.test", timeout=3),
+                                        lab.dns_argv(STUB, "leak.test", tcp=True, timeout=3),
+                                        lab.dns_argv(LAN_RESOLVER, "lan.test", timeout=1))),
+            check=False)
+    assert r.stdout.split() == ["FAIL"] * 3
+    assert len(lines(stub)) == before_stub + 1  # the group's queries never reached it
+    assert lan.packets() == []
+
+
+def test_local_only_resolv_conf_without_dns_is_said_once(
+        lab: Lab, vt_env: dict[str, str], tmp_path: Path) -> None:
+    fake = tmp_path / "resolv.conf"
+    fake.write_text(f"nameserver {STUB}\n")
+    launch = " ".join(via_argv(lab, "tun0", "--", "true")[2:])  # without nsenter: already in
+    r = lab.run(lab.client, ["unshare", "-m", "sh", "-c",
+                             f"mount --bind {fake} /etc/resolv.conf && exec {launch}"],
+                env=vt_env)
+    assert r.returncode == 0
+    hint = [line for line in r.stderr.splitlines() if "--dns" in line]
+    assert len(hint) == 1 and "tun0" in hint[0]
