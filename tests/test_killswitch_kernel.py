@@ -77,9 +77,15 @@ def test_interface_down_drops_traffic_and_up_restores_it(lab: Lab, vt_env: dict[
             assert r.returncode == 125 and "vlan3 is down" in r.stderr
         finally:
             lab.run(lab.client, ["ip", "link", "set", "vlan3", "up"])
-            # Going down took the lab's own route via vlan3 with it; put it back.
+            # Going down took the lab's own routes via vlan3 with it, and the IPv6 address
+            # (keep_addr_on_down=0); put them back.
+            lab.run(lab.client, ["ip", "addr", "replace", f"{Lab.CLIENT_VETH6}/64",
+                                 "dev", "vlan3", "nodad"])
             lab.run(lab.client, ["ip", "route", "replace", Lab.VETH_ROUTE,
                                  "via", Lab.GW_VETH, "dev", "vlan3"])
+            wait_for(lambda: lab.run(lab.client, [
+                "ip", "-6", "route", "replace", Lab.VETH_ROUTE6, "via", Lab.GW_VETH6,
+                "dev", "vlan3"], check=False).returncode == 0, timeout=5, what="v6 route back")
         wait_for(lambda: default_via(lab, table, "vlan3"), timeout=5, what="route re-added")
         assert asker.ask() == Lab.CLIENT_VETH
     finally:

@@ -68,17 +68,48 @@ def test_packets_cross_the_tunnel_not_the_lan(lab: Lab, vt_env: dict[str, str],
     assert len(tunnel.packets()) >= 6  # handshake, request, answer, close: both ways
 
 
-def test_ipv6_of_the_group_never_leaves_by_another_interface(
+def test_ipv6_of_a_group_without_v6_never_leaves_and_fails_at_once(
         lab: Lab, vt_env: dict[str, str], clean: None) -> None:
     url = f"http://[{Lab.SERVER6}]/"
     assert lab.run(lab.client, ["curl", "-s", "--max-time", "5", url]).stdout.strip()
     with Capture(lab, lab.client, "eth0", "ip6 and not icmp6") as lan:
         t0 = time.monotonic()
-        r = via(lab, vt_env, "vlan3", "--", "curl", "-s", "--max-time", "5", url, check=False)
+        r = via(lab, vt_env, "tun0", "--", "curl", "-s", "--max-time", "5", url, check=False)
         elapsed = time.monotonic() - t0
     assert r.returncode != 0
     assert elapsed < 3, "blocked IPv6 must fail at once, not time out"
     assert lan.packets() == []
+
+
+def test_ipv6_goes_through_a_tunnel_that_has_it(lab: Lab, vt_env: dict[str, str],
+                                                clean: None) -> None:
+    url = f"http://[{Lab.SERVER6}]/"
+    assert lab.run(lab.client, ["curl", "-s", "--max-time", "5", url]).stdout.strip() \
+        == Lab.CLIENT_LAN6
+    with Capture(lab, lab.client, "eth0", "ip6 and not icmp6") as lan:
+        r = via(lab, vt_env, "vlan3", "--", "curl", "-s", "--max-time", "5", url)
+    assert r.stdout.strip() == Lab.CLIENT_VETH6
+    assert lan.packets() == []
+    r = via(lab, vt_env, "--ipv6", "block", "tun0", "--", "curl", "-s", "--max-time", "5", url,
+            check=False)
+    assert r.returncode != 0
+    r = via(lab, vt_env, "--ipv6", "tunnel", "tun0", "--", "true", check=False)
+    assert r.returncode == 125 and "no global IPv6" in r.stderr
+
+
+def test_loopback_keeps_working_for_the_group(lab: Lab, vt_env: dict[str, str],
+                                              clean: None) -> None:
+    server = lab.popen(lab.client, ["socat", "TCP-LISTEN:8099,bind=127.0.0.1,reuseaddr",
+                                    "SYSTEM:echo loop"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: lab.run(lab.client, ["ss", "-ltnH", "sport", "= :8099"]).stdout,
+                 timeout=5, what="listener")
+        r = via(lab, vt_env, "vlan3", "--", "socat", "-T2", "-", "TCP:127.0.0.1:8099")
+        assert r.stdout.strip() == "loop"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_udp_goes_through_the_tunnel_too(lab: Lab, vt_env: dict[str, str], clean: None) -> None:

@@ -102,6 +102,12 @@ class Lab:
     GW_WAN = "203.0.113.2"
     INET_WAN = "203.0.113.1"
     VETH_ROUTE = "198.51.100.128/25"  # in the client's main table, via GW_VETH dev vlan3
+    # IPv6 exists on vlan3 (not on tun0): a tunnel with v6 and one without, side by side.
+    CLIENT_VETH6 = "2001:db8:3::34"
+    GW_VETH6 = "2001:db8:3::33"
+    GW_WAN6 = "2001:db8:2::2"
+    INET_WAN6 = "2001:db8:2::1"
+    VETH_ROUTE6 = "2001:db8:fe::/64"  # in the client's main table, via GW_VETH6 dev vlan3
     CLIENT_NOHOP = "192.0.2.82"  # vnohop: no route via it, the gateway is GW_NOHOP
     GW_NOHOP = "192.0.2.81"
     CLIENT_DEAD = "192.0.2.66"  # eth1dead: administratively down
@@ -325,7 +331,7 @@ class Lab:
         })  # fmt: skip
         for ns in (self.gateway, self.inet):
             self._sysctl(ns, {
-                "net.ipv4.ip_forward": "1",
+                "net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
                 "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
                 "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
             })  # fmt: skip
@@ -348,6 +354,8 @@ class Lab:
             f"route add default via {self.LAN_GW} dev eth0",
             f"route add default via {self.LAN_GW6} dev eth0",
             f"route add {self.VETH_ROUTE} via {self.GW_VETH} dev vlan3",
+            f"addr add {self.CLIENT_VETH6}/64 dev vlan3 nodad",
+            f"route add {self.VETH_ROUTE6} via {self.GW_VETH6} dev vlan3",
         ])  # fmt: skip
         _ip_batch(g, [
             "link set lo up", "link set vlan3 up", "link set wan0 up",
@@ -356,6 +364,9 @@ class Lab:
             f"addr add {self.GW_NOHOP}/28 dev nohop0",
             f"addr add {self.GW_WAN}/28 dev wan0",
             f"route add default via {self.INET_WAN} dev wan0",
+            f"addr add {self.GW_VETH6}/64 dev vlan3 nodad",
+            f"addr add {self.GW_WAN6}/64 dev wan0 nodad",
+            f"route add default via {self.INET_WAN6} dev wan0",
         ])  # fmt: skip
         _ip_batch(i, [
             "link set lo up", "link set lan0 up", "link set wan0 up",
@@ -367,6 +378,8 @@ class Lab:
             f"route add 192.0.2.32/28 via {self.GW_WAN} dev wan0",
             f"route add 192.0.2.48/28 via {self.GW_WAN} dev wan0",
             f"route add 192.0.2.80/28 via {self.GW_WAN} dev wan0",
+            f"addr add {self.INET_WAN6}/64 dev wan0 nodad",
+            f"route add 2001:db8:3::/64 via {self.GW_WAN6} dev wan0",
         ])  # fmt: skip
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(mode=0o700)
@@ -737,6 +750,18 @@ def serve(v4: str, v6: str, http_port: int, udp_port: int) -> None:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            # /bytes/N: N bytes of payload (bulk transfers); anything else: the caller.
+            parts = self.path.strip("/").split("/")
+            if len(parts) == 2 and parts[0] == "bytes" and parts[1].isdigit():
+                size = min(int(parts[1]), 64 << 20)
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                chunk = b"x" * 65536
+                while size > 0:
+                    self.wfile.write(chunk[:size])
+                    size -= len(chunk)
+                return
             body = f"{self.client_address[0]}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")

@@ -197,9 +197,11 @@ def repair(settings: Settings, iface: str) -> bool:
                           cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
                           ipv6="block" if rec.ipv6 == "block" else "auto",
                           dns=tuple(a for a in (rec.dns4, rec.dns6) if a))
+        netlink.apply(plan.rules, plan.routes)
     except ViaTunnelError:
-        return False  # down, gone or changed beyond use: stay closed
-    netlink.apply(plan.rules, plan.routes)
+        # Down, gone, changed beyond use, or half back (an IPv6 next hop before its
+        # prefix route): stay closed; the next rtnetlink event brings us back here.
+        return False
     sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
     return True
 

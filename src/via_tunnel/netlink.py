@@ -52,7 +52,8 @@ def link_facts(name: str) -> LinkFacts:
             addr = a.get_attr("IFA_ADDRESS")
             if a["family"] == AF_INET:
                 v4.append(f"{a.get_attr('IFA_LOCAL') or addr}/{a['prefixlen']}")
-            elif a["family"] == AF_INET6 and ipaddress.IPv6Address(addr).is_global:
+            elif a["family"] == AF_INET6 and a["scope"] == 0:  # scope global (not is_global:
+                # that excludes documentation and ULA prefixes, which are real on tunnels)
                 v6.append(f"{addr}/{a['prefixlen']}")
         gw4, conn4 = _main_routes(ipr, AF_INET, index)
         gw6, conn6 = _main_routes(ipr, AF_INET6, index)

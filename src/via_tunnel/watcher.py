@@ -56,13 +56,18 @@ def _run(settings: Settings, iface: str, ready_fd: int) -> None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
         watch(settings, iface)
-    except BaseException as exc:  # nobody to report to: leave a trace in the state dir
-        with contextlib.suppress(Exception), open(
-            os.path.join(settings.state_dir, "watcher-errors.log"), "a"
-        ) as log:
-            log.write(f"{iface}: {exc!r}\n")
+    except BaseException as exc:
+        _log(settings, iface, exc)
     finally:
         os._exit(0)
+
+
+def _log(settings: Settings, iface: str, exc: BaseException) -> None:
+    """Nobody is there to report to: leave a trace in the state dir."""
+    with contextlib.suppress(Exception), open(
+        os.path.join(settings.state_dir, "watcher-errors.log"), "a"
+    ) as log:
+        log.write(f"{iface}: {exc!r}\n")
 
 
 def _detach() -> None:
@@ -109,8 +114,11 @@ def watch(settings: Settings, iface: str) -> None:
                     os.close(cg_fd)
             if events is not None and events.fileno() in ready:
                 _drain(events)
-                with state.locked(settings):
-                    lifecycle.repair(settings, iface)
+                try:
+                    with state.locked(settings):
+                        lifecycle.repair(settings, iface)
+                except Exception as exc:  # a failed repair must not end the watch
+                    _log(settings, iface, exc)
             if cg_fd in ready or not cgroup.populated(rec.cgroup):
                 with state.locked(settings):
                     if lifecycle.teardown_if_empty(settings, iface):
