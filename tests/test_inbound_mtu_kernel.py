@@ -1,0 +1,69 @@
+"""Inbound connections and MTU: a server run through a tunnel answers each client by the
+interface its connection came in on (strict rp_filter on), and TCP through a smaller-MTU
+tunnel gets a clamped MSS and carries bulk data."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from helpers import via_popen
+
+from via_tunnel.lab import Capture, Lab, helper_argv
+
+pytestmark = pytest.mark.kernel
+
+PORT = 8080
+
+
+@pytest.fixture
+def server(lab: Lab, vt_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """The lab's echo server, listening on every address of the client, run via vlan3."""
+    proc = via_popen(lab, vt_env, "vlan3", "--", *helper_argv(
+        "serve", "0.0.0.0", "::1", "--http-port", str(PORT), "--udp-port", str(PORT + 1)),
+        stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    yield proc
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+def test_inbound_answers_go_back_the_way_they_came(lab: Lab, server: subprocess.Popen[str]
+                                                   ) -> None:
+    rp = lab.run(lab.client, ["cat", "/proc/sys/net/ipv4/conf/all/rp_filter"]).stdout
+    assert rp.strip() == "1"  # strict: replies must be routed back where they came from
+    curl = ["curl", "-s", "--max-time", "5"]
+    # Through the tunnel: from the internet (203.0.113.1), forwarded by the gateway to vlan3.
+    with Capture(lab, lab.client, "eth0", f"port {PORT}") as lan:
+        got = lab.run(lab.inet, [*curl, f"http://{Lab.CLIENT_VETH}:{PORT}/"]).stdout
+    assert got.strip() == Lab.INET_WAN
+    assert lan.packets() == []
+    # Through the LAN, to the same listener: answered through the LAN, not the tunnel.
+    with Capture(lab, lab.client, "vlan3", f"port {PORT}") as tunnel:
+        got = lab.run(lab.inet, [*curl, f"http://{Lab.CLIENT_LAN}:{PORT}/"]).stdout
+    assert got.strip() == Lab.LAN_GW
+    assert tunnel.packets() == []
+
+
+@pytest.fixture
+def small_mtu(lab: Lab) -> Iterator[None]:
+    for ns in (lab.client, lab.gateway):
+        lab.run(ns, ["ip", "link", "set", "vlan3", "mtu", "1400"])
+    yield
+    for ns in (lab.client, lab.gateway):
+        lab.run(ns, ["ip", "link", "set", "vlan3", "mtu", "1500"])
+
+
+def test_mss_is_clamped_and_bulk_tcp_flows_through_a_1400_mtu_tunnel(
+        lab: Lab, vt_env: dict[str, str], small_mtu: None) -> None:
+    size = 4_000_000
+    url = f"http://{Lab.SERVER}/bytes/{size}"
+    with Capture(lab, lab.client, "vlan3", "tcp[tcpflags] & tcp-syn != 0") as syns:
+        proc = via_popen(lab, vt_env, "vlan3", "--", "curl", "-s", "-o", "/dev/null",
+                         "--max-time", "20", "-w", "%{size_download}", url)
+        out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (0, str(size))
+    outgoing = [p for p in syns.packets() if f"{Lab.CLIENT_VETH}." in p.split(">")[0]]
+    assert outgoing and all("mss 1360" in p for p in outgoing), outgoing
