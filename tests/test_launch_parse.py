@@ -47,3 +47,20 @@ def test_resolve_follows_path_and_reports_126_127(tmp_path) -> None:  # type: ig
     with pytest.raises(ViaTunnelError) as edir:
         resolve(str(tmp_path))
     assert edir.value.exit_code == 126
+
+
+def test_loopback_resolvers_are_recognised_without_ipaddress(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from via_tunnel.resolvers import _is_loopback, parse_resolvectl_dns, system_uses_local_stub
+
+    for text in ("127.0.0.53", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1", "0::1"):
+        assert _is_loopback(text), text
+    for text in ("10.0.0.1", "::", "fe80::1", "2001:db8::1", "1::1", "::2"):
+        assert not _is_loopback(text), text
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# c\nnameserver 127.0.0.53\noptions edns0\n")
+    assert system_uses_local_stub(str(conf))
+    conf.write_text("nameserver 127.0.0.53\nnameserver 192.0.2.1\n")
+    assert not system_uses_local_stub(str(conf))
+    assert system_uses_local_stub(str(tmp_path / "missing"))
+    assert parse_resolvectl_dns("Global:\nLink 5 (tun0): 192.0.2.1 2001:db8::53#x.test\n") \
+        == ("192.0.2.1", "2001:db8::53")

@@ -101,3 +101,12 @@ def has_level_map(objects: list[dict[str, Any]], level: int) -> bool:
     return level in table_levels(objects) or any(
         o.get("map", {}).get("name") == level_map_name(level) for o in objects
     )
+
+
+def list_json(command: str) -> list[dict[str, Any]] | None:
+    """The objects of an nft ``list`` command as JSON (metainfo dropped), or None when nft
+    refuses it (e.g. a table that does not exist). ``command`` is the caller's fixed text."""
+    rc, out, _err = _nft().cmd(command)
+    if rc != 0:
+        return None
+    return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]

@@ -1,14 +1,12 @@
 """Where a group's DNS queries should go when the user did not say (``--dns``).
 
-Used only when a group is created (the cold path), never on a warm launch, except
-:func:`system_uses_local_stub`, which reads one small file.
+Used only when a group is created (the cold path), except :func:`system_uses_local_stub`,
+which every launch without a resolver calls: it reads one small file and imports nothing
+heavy (ipaddress, subprocess and shutil cost a warm launch ~10 ms), so those imports are
+local to the functions of the cold path.
 """
 
 from __future__ import annotations
-
-import ipaddress
-import shutil
-import subprocess
 
 
 def nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
@@ -32,18 +30,27 @@ def system_uses_local_stub(resolv_conf: str = "/etc/resolv.conf") -> bool:
     servers = nameservers(resolv_conf)
     if not servers:
         return True  # glibc then asks 127.0.0.1
-    for text in servers:
-        try:
-            if not ipaddress.ip_address(text).is_loopback:
-                return False
-        except ValueError:
-            continue
-    return True
+    return all(_is_loopback(text) for text in servers)
+
+
+def _is_loopback(text: str) -> bool:
+    """127.0.0.0/8 or ::1 in any spelling resolv.conf allows (without ipaddress)."""
+    if text.startswith("127."):
+        return True
+    if ":" in text:
+        groups = text.replace("::", ":*:").strip(":").split(":")
+        digits = [g for g in groups if g != "*"]
+        return bool(digits) and all(int(g or "0", 16) == 0 for g in digits[:-1]) \
+            and int(digits[-1] or "0", 16) == 1 and (len(groups) == 8 or "*" in groups)
+    return False
 
 
 def link_resolvers(iface: str) -> tuple[str, ...]:
     """The per-link DNS servers systemd-resolved knows for ``iface`` (VPN clients set
     them), or () when resolved is not there. Parses ``resolvectl dns IFACE``."""
+    import shutil
+    import subprocess
+
     if shutil.which("resolvectl") is None:
         return ()
     try:
@@ -56,6 +63,8 @@ def link_resolvers(iface: str) -> tuple[str, ...]:
 
 def parse_resolvectl_dns(text: str) -> tuple[str, ...]:
     """``Link 5 (tun0): 10.8.0.1 fd00::1`` -> ("10.8.0.1", "fd00::1") (pure)."""
+    import ipaddress
+
     found: list[str] = []
     for line in text.splitlines():
         _, sep, rest = line.partition("):")

@@ -7,7 +7,6 @@ only after everything it names is gone.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -122,8 +121,10 @@ def save(settings: Settings, rec: GroupRecord) -> None:
 
 
 def delete(settings: Settings, iface: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    try:  # noqa: SIM105 - importing contextlib costs the warm launch
         os.unlink(record_path(settings, iface))
+    except FileNotFoundError:
+        pass
 
 
 def free_slot(records: list[GroupRecord]) -> int:

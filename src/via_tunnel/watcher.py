@@ -47,14 +47,14 @@ def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> No
 
 def _run(settings: Settings, iface: str, ready_fd: int) -> None:
     try:
-        _detach()
         fd = os.open(state.watcher_lock_path(settings, iface),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())  # for `status` and for tests
-        os.write(ready_fd, b"1")
+        os.write(ready_fd, b"1")  # the launcher may go on: the watch lock is held
         os.close(ready_fd)
+        _detach()  # after "ready": moving between cgroups costs ~10 ms (RCU grace period)
         watch(settings, iface)
     except BaseException as exc:
         _log(settings, iface, exc)
