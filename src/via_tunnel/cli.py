@@ -8,7 +8,8 @@ import sys
 
 from via_tunnel.errors import EXIT_FAILURE, ViaTunnelError
 
-SUBCOMMANDS = frozenset({"status", "cleanup", "demo", "version"})
+SUBCOMMANDS = frozenset({"status", "cleanup", "demo", "version", "gateway", "daemon",
+                         "desktop"})
 
 
 def _is_subcommand(args: list[str]) -> bool:

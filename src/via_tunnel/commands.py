@@ -111,6 +111,126 @@ def demo(
     raise typer.Exit(run_demo(keep=keep))
 
 
+@app.command()
+def daemon(
+    socket: Annotated[str | None, typer.Option(
+        "--socket", help="Socket path (default $VIA_TUNNEL_SOCKET or "
+                         "/run/via-tunnel/daemon.sock; ignored under socket activation).")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="Policy file (default $VIA_TUNNEL_CONFIG or "
+                         "/etc/via-tunnel/config.toml).")] = None,
+) -> None:
+    """Serve unprivileged launches: a root service on a Unix socket that puts a caller's own
+    process into an interface's group when the policy allows its user. SIGHUP re-reads the
+    policy."""
+    from via_tunnel.daemon import run
+
+    raise typer.Exit(run(socket, config))
+
+
+desktop_app = typer.Typer(no_args_is_help=True,
+                          help="Desktop launchers (.desktop entries) that start an app via an "
+                               "interface.")
+app.add_typer(desktop_app, name="desktop")
+
+
+@desktop_app.command("install")
+def desktop_install(
+    entry: Annotated[str, typer.Argument(help="APP.desktop (an installed entry) or a path.")],
+    iface: Annotated[str, typer.Argument(help="The interface to launch it through.")],
+) -> None:
+    """Write a user copy of ENTRY whose Exec= lines run via IFACE and whose name says so."""
+    from via_tunnel import desktop
+
+    print(desktop.install(entry, iface))
+
+
+@desktop_app.command("remove")
+def desktop_remove(
+    entry: Annotated[str, typer.Argument(help="APP.desktop, as given to install.")],
+) -> None:
+    """Remove a copy written by `desktop install` (never any other file)."""
+    from via_tunnel import desktop
+
+    print(desktop.remove(entry))
+
+
+@desktop_app.command("list")
+def desktop_list() -> None:
+    """List the entries written by `desktop install` and their interfaces."""
+    from via_tunnel import desktop
+
+    rows = desktop.list_installed()
+    for path, iface in rows:
+        print(f"{os.path.basename(path)}  via {iface}  ({path})")
+    if not rows:
+        print("no desktop entries installed by via-tunnel")
+
+
+gateway_app = typer.Typer(no_args_is_help=True,
+                          help="The VPS end: masquerade a tunnel out of WAN, forward WAN ports "
+                               "to addresses behind it.")
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.command("up")
+def gateway_up(
+    tun: Annotated[str, typer.Argument(help="The tunnel interface (e.g. tun0).")],
+    wan: Annotated[str | None, typer.Option("--wan", help="The public interface.")] = None,
+    subnet: Annotated[str | None, typer.Option(
+        "--subnet", help="IPv4 CIDR to masquerade (default: the subnet of the tunnel's "
+                         "address; on a point-to-point tunnel, the peer's prefix).")] = None,
+    forward: Annotated[list[str] | None, typer.Option(
+        "--forward", help="PROTO:PORT[-PORT]:DEST[:DPORT] (repeatable).")] = None,
+) -> None:
+    """Set up (or update) the gateway for TUN; settings default to table gateway.TUN of
+    /etc/via-tunnel/config.toml. Running it twice changes nothing."""
+    from via_tunnel import gateway_apply
+    from via_tunnel.settings import Settings
+
+    cfg = gateway_apply.resolve(tun, wan=wan, subnet=subnet, forwards=forward)
+    print(gateway_apply.up(cfg, Settings.from_env()))
+
+
+@gateway_app.command("down")
+def gateway_down(
+    tun: Annotated[str, typer.Argument(help="The tunnel interface.")],
+) -> None:
+    """Remove exactly what `gateway up TUN` added, and restore the forwarding sysctls."""
+    from via_tunnel import gateway_apply
+    from via_tunnel.settings import Settings
+
+    print(gateway_apply.down(tun, Settings.from_env()))
+
+
+@gateway_app.command("status")
+def gateway_status(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """List the gateways that are up, with packet/byte counters per forward."""
+    from via_tunnel import gateway_apply
+    from via_tunnel.settings import Settings
+
+    gws = gateway_apply.status(Settings.from_env())
+    if json_out:
+        json.dump({"gateways": gws}, sys.stdout, indent=2)
+        print()
+        return
+    if not gws:
+        print("no gateways up")
+        return
+
+    def fmt(c: object) -> str:
+        return "missing" if not isinstance(c, dict) else f"{c['packets']} pkts {c['bytes']} bytes"
+
+    for g in gws:
+        extra = "" if g["active"] else "  (rules missing: run `gateway up` again)"
+        print(f"{g['tunnel']}  wan {g['wan']}  subnet {g['subnet']}{extra}")
+        print(f"  out  {fmt(g['outbound'])}   replies in  {fmt(g['inbound_replies'])}")
+        for f in g["forwards"]:
+            print(f"  {f['spec']:<32} {fmt(f['counter'])}")
+
+
 def run_app(args: list[str]) -> int:
     """Run the typer app; turn our errors into one line and exit code 125."""
     try:
@@ -127,7 +247,10 @@ def run_app(args: list[str]) -> int:
     except typer.Abort:
         return 130
     except Exception as exc:
-        import click
+        try:
+            import click
+        except ImportError:  # typer 0.2x vendors click as typer._click and no longer needs it
+            from typer import _click as click  # type: ignore[no-redef]
 
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
