@@ -27,9 +27,9 @@ _DEL_OK = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
 
 
 def _iproute() -> Any:
-    from pyroute2 import IPRoute  # heavy import (~100 ms): only on paths that change routing
+    from via_tunnel.pyroute2_lazy import iproute_class  # heavy: only where routing changes
 
-    return IPRoute()
+    return iproute_class()()
 
 
 def _table(msg: Any) -> int:
@@ -106,8 +106,9 @@ def _rule_args(spec: RuleSpec) -> dict[str, Any]:
 
 def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
     """Add routes first, then rules: a rule never points at a table not yet filled."""
-    from pyroute2 import NetlinkError
+    from via_tunnel.pyroute2_lazy import netlink_error
 
+    NetlinkError = netlink_error()
     with _iproute() as ipr:
         for route in routes:
             try:
@@ -125,8 +126,9 @@ def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
 
 def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
     """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely)."""
-    from pyroute2 import NetlinkError
+    from via_tunnel.pyroute2_lazy import netlink_error
 
+    NetlinkError = netlink_error()
     with _iproute() as ipr:
         for rule in rules:
             try:

@@ -131,7 +131,9 @@ def watch(settings: Settings, iface: str) -> None:
 def _rtnl_events() -> Any:
     """An rtnetlink socket subscribed to link, address and route changes (or None)."""
     try:
-        from pyroute2 import IPRoute
+        from via_tunnel.pyroute2_lazy import iproute_class
+
+        IPRoute = iproute_class()
         from pyroute2.netlink.rtnl import (
             RTMGRP_IPV4_IFADDR,
             RTMGRP_IPV4_ROUTE,
