@@ -90,9 +90,9 @@ def load_gateway_table(tun: str) -> tuple[dict[str, Any], str]:
 
 def iface_facts(name: str) -> IfFacts:
     """Index, MTU and addresses of ``name`` (pyroute2; imported here, it is slow)."""
-    from pyroute2 import IPRoute
+    from via_tunnel.netlink import open_iproute
 
-    with IPRoute() as ipr:
+    with open_iproute() as ipr:
         idx = ipr.link_lookup(ifname=name)
         if not idx:
             raise ViaTunnelError(f"interface {name} does not exist")

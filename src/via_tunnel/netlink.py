@@ -26,8 +26,9 @@ _ADD_OK = {errno.EEXIST}
 _DEL_OK = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
 
 
-def _iproute() -> Any:
-    from via_tunnel.pyroute2_lazy import iproute_class  # heavy: only where routing changes
+def open_iproute() -> Any:
+    """An rtnetlink socket (pyroute2 ``IPRoute``), imported lazily: it is the slow part."""
+    from via_tunnel.pyroute2_lazy import iproute_class
 
     return iproute_class()()
 
@@ -38,7 +39,7 @@ def _table(msg: Any) -> int:
 
 def link_facts(name: str) -> LinkFacts:
     """Gather what planning needs about interface ``name``; raise if it does not exist."""
-    with _iproute() as ipr:
+    with open_iproute() as ipr:
         idx = ipr.link_lookup(ifname=name)
         if not idx:
             raise ViaTunnelError(f"interface {name} does not exist")
@@ -104,48 +105,37 @@ def _rule_args(spec: RuleSpec) -> dict[str, Any]:
             "fwmask": spec.fwmask, "table": spec.table}
 
 
-def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
-    """Add routes first, then rules: a rule never points at a table not yet filled."""
+def _tolerating(codes: set[int], what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one netlink change; errnos in ``codes`` mean "already so" and are fine."""
     from via_tunnel.pyroute2_lazy import netlink_error
 
-    NetlinkError = netlink_error()
-    with _iproute() as ipr:
+    try:
+        call(*args, **kwargs)
+    except netlink_error() as exc:
+        if getattr(exc, "code", None) not in codes:
+            raise KernelError(f"cannot {what}: {exc}") from exc
+
+
+def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
+    """Add routes first, then rules: a rule never points at a table not yet filled."""
+    with open_iproute() as ipr:
         for route in routes:
-            try:
-                ipr.route("add", **_route_args(route))
-            except NetlinkError as exc:
-                if exc.code not in _ADD_OK:
-                    raise KernelError(f"cannot add route {route}: {exc}") from exc
+            _tolerating(_ADD_OK, f"add route {route}", ipr.route, "add", **_route_args(route))
         for rule in rules:
-            try:
-                ipr.rule("add", **_rule_args(rule))
-            except NetlinkError as exc:
-                if exc.code not in _ADD_OK:
-                    raise KernelError(f"cannot add ip rule {rule}: {exc}") from exc
+            _tolerating(_ADD_OK, f"add ip rule {rule}", ipr.rule, "add", **_rule_args(rule))
 
 
 def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
     """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely)."""
-    from via_tunnel.pyroute2_lazy import netlink_error
-
-    NetlinkError = netlink_error()
-    with _iproute() as ipr:
+    with open_iproute() as ipr:
         for rule in rules:
-            try:
-                ipr.rule("del", **_rule_args(rule))
-            except NetlinkError as exc:
-                if exc.code not in _DEL_OK:
-                    raise KernelError(f"cannot remove ip rule {rule}: {exc}") from exc
+            _tolerating(_DEL_OK, f"remove ip rule {rule}", ipr.rule, "del", **_rule_args(rule))
         for table in tables:
             for family in (AF_INET, AF_INET6):
                 for r in list(ipr.get_routes(family=family, table=table)):
-                    if _table(r) != table:
-                        continue
-                    try:
-                        ipr.route("del", **_dump_to_del(r, family, table))
-                    except NetlinkError as exc:
-                        if exc.code not in _DEL_OK:
-                            raise KernelError(f"cannot remove route: {exc}") from exc
+                    if _table(r) == table:
+                        _tolerating(_DEL_OK, "remove route", ipr.route, "del",
+                                    **_dump_to_del(r, family, table))
 
 
 def _dump_to_del(r: Any, family: int, table: int) -> dict[str, Any]:
@@ -169,7 +159,7 @@ def our_rules_and_tables(
     table_set = set(tables)
     found_rules: list[RuleSpec] = []
     found_tables: set[int] = set()
-    with _iproute() as ipr:
+    with open_iproute() as ipr:
         for family in (AF_INET, AF_INET6):
             for msg in ipr.get_rules(family=family):
                 key = (family, msg.get_attr("FRA_PRIORITY") or 0,

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from via_tunnel.errors import KernelError, ViaTunnelError
-from via_tunnel.plan import base_ruleset, level_map_name, level_ruleset
+from via_tunnel.plan import base_ruleset, level_ruleset
 from via_tunnel.settings import NFT_FAMILY, NFT_TABLE
 
 _ctx: Any = None
@@ -95,12 +95,6 @@ def count_elements(objects: list[dict[str, Any]]) -> int:
 
 def delete_table_command() -> dict[str, Any]:
     return {"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}
-
-
-def has_level_map(objects: list[dict[str, Any]], level: int) -> bool:
-    return level in table_levels(objects) or any(
-        o.get("map", {}).get("name") == level_map_name(level) for o in objects
-    )
 
 
 def list_json(command: str) -> list[dict[str, Any]] | None:
