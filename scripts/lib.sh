@@ -31,11 +31,13 @@ make_venv() {
     if [ ! -x "$dir/bin/python" ]; then
         /usr/bin/python3 -m venv --system-site-packages "$dir"
     fi
-    "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    echo "==> pip install into $dir"
+    local pip=("$dir/bin/python" -m pip install -q --disable-pip-version-check)
+    # (this machine's pip config names an absent local index: drop only those warnings)
     if [ -n "$extra" ]; then
-        "$dir/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[$extra]"
+        "${pip[@]}" -e "$REPO[$extra]" 2> >(grep -v "^WARNING: Location" >&2)
     else
-        "$dir/bin/python" -m pip install -q --disable-pip-version-check "$REPO"
+        "${pip[@]}" "$REPO" 2> >(grep -v "^WARNING: Location" >&2)
     fi
     "$dir/bin/python" -c 'import nftables' \
         || { echo "python3-nftables is not visible in $dir" >&2; exit 1; }
