@@ -50,6 +50,8 @@ def run_demo(keep: bool = False) -> int:
         return _fail("the demo needs root (it creates network namespaces)")
     lab = Lab(DEMO_PREFIX, openvpn=True)
     env = demo_env(lab.prefix)
+    if any(ns in netns_names() for ns in lab.namespaces):
+        print(f"Removing a demo lab left up earlier: {' '.join(remove_demo())}")
     print(f"Building a lab of three network namespaces ({', '.join(lab.namespaces)}) ...")
     try:
         lab.up()
@@ -66,6 +68,9 @@ def run_demo(keep: bool = False) -> int:
     except KeyboardInterrupt:
         _cleanup(lab, env, keep=False)
         return 130
+    except BaseException:  # a broken pipe, a bug: never leave the lab behind
+        _cleanup(lab, env, keep=False)
+        raise
     _cleanup(lab, env, keep=keep)
     return EXIT_OK
 

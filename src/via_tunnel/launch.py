@@ -25,19 +25,20 @@ from via_tunnel.errors import (
 from via_tunnel.names import validate_ifname
 
 USAGE = ("usage: via-tunnel [--gateway ADDR] [--dns ADDR]... [--ipv6 auto|tunnel|block] "
-         "[--debug] IFACE -- CMD [ARG...]")
+         "[--user NAME] [--debug] IFACE -- CMD [ARG...]")
 IPV6_MODES = ("auto", "tunnel", "block")
 
 
 class LaunchArgs:
     """The parsed launch form."""
 
-    __slots__ = ("argv", "debug", "dns", "gateway", "iface", "ipv6")
+    __slots__ = ("argv", "debug", "dns", "gateway", "iface", "ipv6", "user")
 
     def __init__(self, iface: str, argv: list[str], gateway: str | None = None,
                  ipv6: str = "auto", debug: bool = False,
-                 dns: tuple[str, ...] = ()) -> None:
+                 dns: tuple[str, ...] = (), user: str | None = None) -> None:
         self.iface = iface
+        self.user = user  # --user: run CMD as this user (root only)
         self.dns = dns
         self.argv = argv
         self.gateway = gateway
@@ -52,6 +53,7 @@ def parse(args: list[str]) -> LaunchArgs:
     ipv6 = "auto"
     debug = False
     dns: list[str] = []
+    user: str | None = None
     i = 0
     while i < len(args) and args[i].startswith("-") and args[i] != "--":
         opt, eq, val = args[i].partition("=")
@@ -59,7 +61,7 @@ def parse(args: list[str]) -> LaunchArgs:
             debug = True
             i += 1
             continue
-        if opt in ("--gateway", "--ipv6", "--dns"):
+        if opt in ("--gateway", "--ipv6", "--dns", "--user"):
             if not eq:
                 if i + 1 >= len(args):
                     raise UsageError(f"option {opt} needs a value\n{USAGE}")
@@ -69,6 +71,8 @@ def parse(args: list[str]) -> LaunchArgs:
                 gateway = val
             elif opt == "--dns":
                 dns.append(val)
+            elif opt == "--user":
+                user = val
             else:
                 if val not in IPV6_MODES:
                     raise UsageError(f"--ipv6 must be one of {', '.join(IPV6_MODES)}")
@@ -85,7 +89,7 @@ def parse(args: list[str]) -> LaunchArgs:
     if not rest:
         raise UsageError(f"missing command to run\n{USAGE}")
     return LaunchArgs(iface=iface, argv=rest, gateway=gateway, ipv6=ipv6, debug=debug,
-                      dns=tuple(dns))
+                      dns=tuple(dns), user=user)
 
 
 def resolve(cmd: str, path_env: str | None = None) -> str:
@@ -137,7 +141,18 @@ def run(args: LaunchArgs) -> None:
 
     path = resolve(args.argv[0])
     if os.geteuid() != 0:
-        raise ViaTunnelError("via-tunnel needs root to change routing (run it with sudo)")
+        from via_tunnel import client
+
+        if args.user is not None:
+            raise ViaTunnelError("--user needs root (it runs CMD as another user)")
+        answer = client.join(args.iface, args.gateway, args.ipv6, args.dns)
+        if answer.get("dns_refused"):
+            warn_if_dns_refused(args.iface)
+        _warn_if_running(path, os.getuid(), args.iface)
+        exec_in_place(path, args.argv)
+    from via_tunnel import privdrop
+
+    target = privdrop.target_from_env(args.user)  # sudo/doas/pkexec or --user: CMD not as root
     settings = Settings.from_env()
     check_link(args.iface)
     with state.locked(settings) as lock_fd:
@@ -155,7 +170,16 @@ def run(args: LaunchArgs) -> None:
         # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
     if rec.dns4 is None and rec.dns6 is None:
         warn_if_dns_refused(args.iface)
+    if target is not None:
+        privdrop.drop(target)  # after joining (needs root), right before exec
+    _warn_if_running(path, os.getuid(), args.iface)
     exec_in_place(path, args.argv)
+
+
+def _warn_if_running(path: str, uid: int, iface: str) -> None:
+    from via_tunnel.instances import warn_if_running
+
+    warn_if_running(path, uid, iface)
 
 
 def warn_if_dns_refused(iface: str) -> None:
