@@ -90,14 +90,10 @@ def load_gateway_table(tun: str) -> tuple[dict[str, Any], str]:
 
 def iface_facts(name: str) -> IfFacts:
     """Index, MTU and addresses of ``name`` (pyroute2; imported here, it is slow)."""
-    from via_tunnel.netlink import open_iproute
+    from via_tunnel.netlink import lookup_link, open_iproute
 
     with open_iproute() as ipr:
-        idx = ipr.link_lookup(ifname=name)
-        if not idx:
-            raise ViaTunnelError(f"interface {name} does not exist")
-        index = idx[0]
-        link = next(iter(ipr.get_links(index)))
+        index, link = lookup_link(ipr, name)
         v4: list[Addr4] = []
         v6: list[str] = []
         for a in ipr.get_addr(index=index):

@@ -37,14 +37,18 @@ def _table(msg: Any) -> int:
     return int(msg.get_attr("RTA_TABLE") or msg.get("table"))
 
 
+def lookup_link(ipr: Any, name: str) -> tuple[int, Any]:
+    """The index and RTM_NEWLINK message of interface ``name``; one clear error if absent."""
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        raise ViaTunnelError(f"interface {name} does not exist")
+    return idx[0], next(iter(ipr.get_links(idx[0])))
+
+
 def link_facts(name: str) -> LinkFacts:
     """Gather what planning needs about interface ``name``; raise if it does not exist."""
     with open_iproute() as ipr:
-        idx = ipr.link_lookup(ifname=name)
-        if not idx:
-            raise ViaTunnelError(f"interface {name} does not exist")
-        index = idx[0]
-        link = next(iter(ipr.get_links(index)))
+        index, link = lookup_link(ipr, name)
         flags = int(link["flags"])
         has_l2 = bool(link.get_attr("IFLA_ADDRESS"))
         v4: list[str] = []

@@ -84,15 +84,6 @@ def ensure_table(level: int) -> None:
         run_text(text)
 
 
-def count_elements(objects: list[dict[str, Any]]) -> int:
-    """How many groups the table still serves (elements of ``group_oifs``)."""
-    for obj in objects:
-        s = obj.get("set")
-        if s and s.get("name") == "group_oifs":
-            return len(s.get("elem", []))
-    return 0
-
-
 def delete_table_command() -> dict[str, Any]:
     return {"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}
 
