@@ -118,3 +118,34 @@ def canonical(snapshot: Any) -> Any:
     routes = {fam: sorted(rs, key=lambda r: json.dumps(r, sort_keys=True))
               for fam, rs in snapshot["routes"].items()}
     return {**snapshot, "routes": routes}
+
+
+class CaptureElsewhere:
+    """Capture on every interface of the client except ``tunnel`` and ``lo``: proof that the
+    program's packets (``bpf``) left by no other interface. ``packets()`` maps interface ->
+    packets seen there (only non-empty entries)."""
+
+    def __init__(self, lab: Lab, tunnel: str, bpf: str) -> None:
+        from via_tunnel.lab import Capture
+
+        names = [link["ifname"] for link in lab.ip_json(lab.client, "link", "show")]
+        self.captures = {name: Capture(lab, lab.client, name, bpf) for name in names
+                         if name not in (tunnel, "lo") and _is_up(lab, name)}
+
+    def __enter__(self) -> CaptureElsewhere:
+        for cap in self.captures.values():
+            cap.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cap in self.captures.values():
+            cap.stop()
+
+    def packets(self) -> dict[str, list[str]]:
+        seen = {name: cap.packets() for name, cap in self.captures.items()}
+        return {name: pkts for name, pkts in seen.items() if pkts}
+
+
+def _is_up(lab: Lab, name: str) -> bool:
+    link = lab.ip_json(lab.client, "link", "show", "dev", name)
+    return bool(link) and "UP" in link[0].get("flags", [])

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import via, via_argv
+from helpers import CaptureElsewhere, via, via_argv
 
-from via_tunnel.lab import DNS_ANSWER, Capture, Lab
+from via_tunnel.lab import DNS_ANSWER, Lab
 
 pytestmark = pytest.mark.kernel
 
@@ -43,7 +43,7 @@ def test_dns_option_sends_every_query_through_the_tunnel(
         lab.dns_argv(STUB, "stub.test"),
         lab.dns_argv(STUB, "stubtcp.test", tcp=True),
     ))
-    with Capture(lab, lab.client, "eth0", "port 53") as lan:
+    with CaptureElsewhere(lab, "tun0", "port 53") as elsewhere:
         r = via(lab, vt_env, "--dns", RESOLVER, "tun0", "--", "sh", "-c", script)
     assert r.stdout.split() == [DNS_ANSWER] * 4
     assert lines(remote)[before_remote:] == [
@@ -51,7 +51,7 @@ def test_dns_option_sends_every_query_through_the_tunnel(
         f"udp {Lab.CLIENT_TUN} stub.test", f"tcp {Lab.CLIENT_TUN} stubtcp.test",
     ]
     assert lines(stub)[before_stub:] == []
-    assert lan.packets() == []
+    assert elsewhere.packets() == {}
 
 
 def test_without_dns_the_local_stub_is_refused_and_nothing_leaves_by_the_lan(
@@ -61,7 +61,7 @@ def test_without_dns_the_local_stub_is_refused_and_nothing_leaves_by_the_lan(
     # Outside the group the stub works (the rest of the machine is untouched).
     assert lab.run(lab.client, lab.dns_argv(STUB, "plain.test")).stdout.strip() == DNS_ANSWER
     assert len(lines(stub)) == before_stub + 1
-    with Capture(lab, lab.client, "eth0", "port 53") as lan:
+    with CaptureElsewhere(lab, "tun0", "port 53") as elsewhere:
         r = via(lab, vt_env, "tun0", "--", "sh", "-c", "; ".join(
             " ".join(argv) for argv in (lab.dns_argv(STUB, "leak.test", timeout=3),
                                         lab.dns_argv(STUB, "leak.test", tcp=True, timeout=3),
@@ -69,7 +69,7 @@ def test_without_dns_the_local_stub_is_refused_and_nothing_leaves_by_the_lan(
             check=False)
     assert r.stdout.split() == ["FAIL"] * 3
     assert len(lines(stub)) == before_stub + 1  # the group's queries never reached it
-    assert lan.packets() == []
+    assert elsewhere.packets() == {}
 
 
 def test_local_only_resolv_conf_without_dns_is_said_once(
