@@ -419,6 +419,34 @@ def test_sudo_runs_cmd_as_the_invoking_user(lab: Lab, vt_env: dict[str, str], us
     assert r.returncode == 125 and "no such user" in r.stderr
 
 
+def test_real_sudo_by_a_user_runs_cmd_as_that_user(
+        lab: Lab, vt_env: dict[str, str], users: Users, clean: None) -> None:
+    """The real thing: the test user types `sudo via-tunnel ...` (NOPASSWD for the test)."""
+    if shutil.which("sudo") is None:
+        reason = "sudo is not installed (scripts/test.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: refusing to skip)", pytrace=False)
+        pytest.skip(reason)
+    pw = pwd.getpwnam(users.allowed)
+    rule = Path(f"/etc/sudoers.d/vt-test-{users.allowed}")
+    rule.write_text(f"{users.allowed} ALL=(root) NOPASSWD: ALL\n")
+    rule.chmod(0o440)
+    try:
+        # sudo resets the environment: `env` (run by sudo, as root) passes our test settings.
+        settings = [f"{k}={v}" for k, v in vt_env.items() if k.startswith("VIA_TUNNEL_")]
+        # The root side runs the suite's interpreter (it has pyroute2), as an install would.
+        argv = as_user(users.allowed, "sudo", "-n", "env", f"PYTHONPATH={PACKAGE_PARENT}",
+                       *settings, sys.executable, "-m", "via_tunnel", "vlan3", "--", "sh", "-c",
+                       'id -u; id -G; echo "$HOME $USER"; ' + fetch_cmd(lab))
+        r = lab.run(lab.client, argv, env={"HOME": pw.pw_dir})
+    finally:
+        rule.unlink()
+    uid_, groups, names, addr = r.stdout.strip().splitlines()
+    assert (int(uid_), addr) == (pw.pw_uid, VETH)
+    assert groups.split() == [str(pw.pw_gid)]
+    assert names == f"{pw.pw_dir} {users.allowed}"
+
+
 def test_single_instance_warning(lab: Lab, denv: dict[str, str], users: Users,
                                  daemon: Daemon, clean: None) -> None:
     # A copy of `sleep` under another name stands in for a browser already running (in a

@@ -22,7 +22,10 @@ def _register_package() -> None:
 
     spec = importlib.util.find_spec("pyroute2")
     if spec is None or spec.loader is None:
-        raise ImportError("pyroute2 is not installed")
+        from via_tunnel.errors import ViaTunnelError
+
+        raise ViaTunnelError(f"pyroute2 is not installed for {sys.executable} "
+                             f"(use the via-tunnel installed by scripts/demo.sh)")
     pkg = importlib.util.module_from_spec(spec)
     state = {"loaded": False}
 
