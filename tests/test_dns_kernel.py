@@ -83,3 +83,18 @@ def test_local_only_resolv_conf_without_dns_is_said_once(
     assert r.returncode == 0
     hint = [line for line in r.stderr.splitlines() if "--dns" in line]
     assert len(hint) == 1 and "tun0" in hint[0]
+
+
+def test_config_default_dns_applies_to_root_launches(
+        lab: Lab, vt_env: dict[str, str], resolvers: tuple[Path, Path], tmp_path: Path) -> None:
+    remote, _stub = resolvers
+    before = len(lines(remote))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[interface.tun0]\ndns = ["{RESOLVER}"]\n')
+    env = {**vt_env, "VIA_TUNNEL_CONFIG": str(config)}
+    r = via(lab, env, "tun0", "--", *lab.dns_argv(STUB, "config.test"))
+    assert r.stdout.strip() == DNS_ANSWER
+    assert lines(remote)[before:] == [f"udp {Lab.CLIENT_TUN} config.test"]
+    config.write_text("[interface.tun0\n")  # broken: one clear line, nothing changed
+    r = via(lab, env, "tun0", "--", "true", check=False)
+    assert r.returncode == 125 and "config.toml" in r.stderr and "Traceback" not in r.stderr

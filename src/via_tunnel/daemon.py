@@ -403,8 +403,7 @@ def run(socket_path: str | None = None, config_path: str | None = None) -> int:
     and stay routed); the next daemon adopts them."""
     if os.geteuid() != 0:
         raise ViaTunnelError("the daemon needs root")
-    config_path = config_path or os.environ.get(policy_mod.ENV_CONFIG) \
-        or policy_mod.DEFAULT_CONFIG
+    config_path = config_path or policy_mod.config_path()
     path = socket_path or default_socket_path()
     policy = policy_mod.load(config_path)  # a broken config: refuse to start
     settings = Settings.from_env()

@@ -49,10 +49,9 @@ from via_tunnel.gateway import (
     up_commands,
 )
 from via_tunnel.names import validate_ifname
+from via_tunnel.policy import config_path
 from via_tunnel.settings import Settings
 
-ENV_CONFIG = "VIA_TUNNEL_CONFIG"
-DEFAULT_CONFIG = "/etc/via-tunnel/config.toml"
 PROC_SYS = "/proc/sys"
 RT_SCOPE_UNIVERSE = 0
 
@@ -62,10 +61,6 @@ def warn(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- config
-
-
-def config_path() -> str:
-    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
 
 
 def load_gateway_table(tun: str) -> tuple[dict[str, Any], str]:

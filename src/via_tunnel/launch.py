@@ -158,10 +158,15 @@ def run(args: LaunchArgs) -> None:
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
         if rec is None or not os.path.isdir(rec.cgroup) or args.gateway or args.dns:
-            from via_tunnel import lifecycle
+            from via_tunnel import lifecycle, policy
 
-            rec = lifecycle.ensure_group(settings, args.iface, gateway=args.gateway,
-                                         ipv6=args.ipv6, dns=args.dns)  # type: ignore[arg-type]
+            # The config's defaults for this interface (dns, ipv6, gateway) apply where the
+            # command line is silent, as they do for the daemon's users.
+            req = policy.effective(
+                policy.Request(args.iface, args.gateway, args.ipv6, args.dns),
+                policy.load(policy.config_path()).interfaces.get(args.iface))
+            rec = lifecycle.ensure_group(settings, args.iface, gateway=req.gateway,
+                                         ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
         if not state.watcher_alive(settings, args.iface):
             from via_tunnel import watcher
 

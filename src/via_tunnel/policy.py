@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,11 @@ class Request:
     gateway: str | None = None
     ipv6: str = "auto"
     dns: tuple[str, ...] = ()
+
+
+def config_path() -> str:
+    """The config file: ``$VIA_TUNNEL_CONFIG`` or /etc/via-tunnel/config.toml."""
+    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
 
 
 def load(path: str) -> Policy:
