@@ -8,6 +8,8 @@ make_venv "$REPO/.venv" test
 cd "$REPO"
 echo "==> ruff"
 .venv/bin/ruff check src tests bench
+echo "==> mypy"
+.venv/bin/mypy src
 echo "==> pytest"
 # CI=true turns a missing kernel prerequisite into a failure instead of a skip.
 exec .venv/bin/python -m pytest -ra "$@"

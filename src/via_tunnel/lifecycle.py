@@ -233,8 +233,8 @@ def cleanup(settings: Settings) -> list[str]:
             done.append(f"removed group {rec.iface}")
     live = state.load_all(settings)
     live_slots = {r.slot for r in live}
-    stray_rules = []
-    stray_tables = []
+    stray_rules: list[RuleSpec] = []
+    stray_tables: list[int] = []
     from socket import AF_INET, AF_INET6
 
     for slot in range(1, MAX_SLOT + 1):

@@ -40,7 +40,7 @@ def _register_package() -> None:
         spec.loader.exec_module(pkg)  # type: ignore[union-attr]
         return getattr(pkg, name)
 
-    pkg.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    pkg.__getattr__ = __getattr__  # type: ignore[method-assign]
     sys.modules["pyroute2"] = pkg
 
 
