@@ -16,6 +16,10 @@ compare ratios and overheads, not absolutes.
             (record, cgroup, the instance's cgroup subtree, and its watcher has exited).
 * cleanup:  the group's last process is reaped -> the record, the group's cgroup and the
             instance's cgroup subtree are gone (the subtree's rmdir is teardown's last step).
+* warm/cold launch (daemon, user): the same two runs by a throwaway unprivileged user
+            (``setpriv``), through ``via-tunnel daemon`` running as root in the namespace;
+            the daemon's watcher thread tears the group down between cold runs.
+            ``--no-daemon`` skips them.
 
 Standard library only, plus :mod:`via_tunnel.lab`. Exit status 0 whatever the figures (it
 is a report); 1 when something failed (a run exited non-zero, a leftover, a timeout).
@@ -26,16 +30,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import grp
 import json
 import os
 import platform
+import pwd
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +61,19 @@ SETTLE_TIMEOUT = 10.0  # a group appearing or disappearing
 POLL = 0.0002  # cleanup polling interval (0.2 ms)
 PACKAGE_PARENT = str(Path(via_tunnel.__file__).resolve().parents[1])
 
-# Targets: overhead over the baseline median (warm, cold) or absolute (cleanup), in ms.
-TARGETS: dict[str, float] = {"warm launch": 50.0, "cold launch": 100.0, "cleanup": 20.0}
+# The rows of the report, in order; those compared with the baseline (ratio, overhead).
+DAEMON = " (daemon, user)"
+ROWS = ("baseline", "python -c pass", "warm launch", "cold launch", "warm launch" + DAEMON,
+        "cold launch" + DAEMON, "cleanup")
+RELATIVE = frozenset(ROWS[1:-1])
+# Targets: overhead over the baseline median (launches) or absolute (cleanup), in ms.
+TARGETS: dict[str, float] = {"warm launch": 50.0, "cold launch": 100.0,
+                             "warm launch" + DAEMON: 50.0, "cold launch" + DAEMON: 100.0,
+                             "cleanup": 20.0}
+# The interpreter the throwaway user runs (as the daemon tests do): it needs only the
+# standard library, and the checkout or venv may not be readable by other users.
+USER_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+USER_TOOLS = ("useradd", "userdel", "groupdel", "setpriv")
 
 
 class BenchError(RuntimeError):
@@ -85,6 +104,17 @@ class Stats:
 # -- the instance under test --------------------------------------------------------------
 
 
+class Variant:
+    """How a launch is started: the argv before ``IFACE -- CMD``, its environment, and the
+    processes of ours that stay in the client namespace meanwhile (the daemon)."""
+
+    def __init__(self, prefix: list[str], env: Mapping[str, str],
+                 keep: tuple[int, ...] = ()) -> None:
+        self.prefix = prefix
+        self.env = dict(env)
+        self.keep = keep
+
+
 class Bench:
     """A lab plus one via-tunnel instance (its own state dir and cgroup subtree)."""
 
@@ -105,16 +135,21 @@ class Bench:
         self.group_path = os.path.join(self.subtree_path, "if-" + IFACE)
         self.record_path = os.path.join(self.state_dir, "groups", f"{IFACE}.json")
         self.nsenter = lab.nsenter(lab.client)
+        self.baseline_argv = [*self.nsenter, "true"]
+        # Where the package under test is (copied for the daemon rows' user).
+        self.package_parent = extra_env.get("PYTHONPATH", PACKAGE_PARENT).split(os.pathsep)[0]
         self.client_ns = os.stat(lab.ns_path(lab.client))
         self.holders: list[subprocess.Popen[bytes]] = []
+        self.root = Variant([*self.nsenter, *launcher], self.env)
+        self.problems: list[str] = []  # found while stopping what a measurement started
 
-    def via_argv(self, *args: str) -> list[str]:
-        return [*self.nsenter, *self.launcher, IFACE, "--", *args]
+    def via_argv(self, *args: str, variant: Variant | None = None) -> list[str]:
+        return [*(variant or self.root).prefix, IFACE, "--", *args]
 
-    def timed(self, argv: list[str]) -> float:
+    def timed(self, argv: list[str], env: Mapping[str, str] | None = None) -> float:
         """Spawn ``argv``, wait for it to exit; the wall time in seconds. Fails unless 0."""
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, env=env or self.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _out, err = proc.communicate(timeout=RUN_TIMEOUT)
@@ -152,17 +187,22 @@ class Bench:
         return pids
 
     def wait_quiet(self, keep: tuple[int, ...] = ()) -> None:
-        """Wait until no group is left and no process of ours (but ``keep``) runs."""
+        """Wait until no group is left and no process of ours (but ``keep``) runs, and the
+        processes in ``keep`` (the daemon) are down to their main thread: their watcher
+        and connection threads have exited too."""
         wait_for(lambda: self.footprint_gone()
-                 and not [p for p in self.client_pids() if p not in keep],
+                 and not [p for p in self.client_pids() if p not in keep]
+                 and all(_threads(p) <= 1 for p in keep),
                  "the group to be torn down and its watcher to exit")
 
-    def start_holder(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    def start_holder(self, argv: list[str], variant: Variant | None = None,
+                     **kw: Any) -> subprocess.Popen[bytes]:
         """Start a long-running ``via-tunnel IFACE -- ARGV`` and wait until it is in the
         group (so the group and its watcher are up)."""
+        variant = variant or self.root
         proc: subprocess.Popen[bytes] = subprocess.Popen(
-            self.via_argv(*argv), env=self.env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, **kw)
+            self.via_argv(*argv, variant=variant), env=variant.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
         self.holders.append(proc)
 
         def joined() -> bool:
@@ -174,6 +214,17 @@ class Bench:
 
         wait_for(joined, "the holder to join the group")
         return proc
+
+    def stop_holders(self) -> None:
+        """Kill every holder still running and reap it."""
+        for proc in self.holders:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=SETTLE_TIMEOUT)
+            if proc.stderr is not None:
+                proc.stderr.close()
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = SETTLE_TIMEOUT,
@@ -196,6 +247,14 @@ def _read(path: str) -> str:
 def _is_zombie(pid: int) -> bool:
     stat = _read(f"/proc/{pid}/stat")
     return not stat or stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _threads(pid: int) -> int:
+    """How many threads ``pid`` has (0 once it is gone)."""
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
 
 
 def cgroup2_mount_or_fail() -> str:
@@ -247,37 +306,69 @@ def choose_launcher(src: str | None = None) -> tuple[list[str], dict[str, str], 
 # -- the measurements ---------------------------------------------------------------------
 
 
-def measure(bench: Bench, runs: int, log: Callable[[str], None]) -> dict[str, Stats]:
-    base, warm, cold, clean = (Stats("baseline"), Stats("warm launch"), Stats("cold launch"),
-                               Stats("cleanup"))
-    python = Stats("python -c pass")
-    baseline_argv = [*bench.nsenter, "true"]
-    python_argv = [*bench.nsenter, bench.python, "-c", "pass"]
-    true_argv = bench.via_argv("true")
+def measure(bench: Bench, runs: int, log: Callable[[str], None],
+            daemon: bool = True) -> dict[str, Stats]:
+    """All the rows, in one run; the daemon rows unless ``daemon`` is false."""
+    stats = {name: Stats(name) for name in ROWS}
+    base, root = stats["baseline"], bench.root
 
     # Warm-up (not counted): page cache, pyc files, the first nft/netlink use in the ns.
-    bench.timed(baseline_argv)
-    bench.timed(true_argv)
+    bench.timed(bench.baseline_argv)
+    bench.timed(bench.via_argv("true"))
     bench.wait_quiet()
 
-    log(f"warm: {runs} runs (a holder keeps the group up), baseline interleaved")
-    holder = bench.start_holder(["sleep", "600"], stdin=subprocess.DEVNULL)
-    bench.timed(true_argv)  # warm-up of the warm path
+    python_argv = [*bench.nsenter, bench.python, "-c", "pass"]
+    measure_warm(bench, root, runs, base, stats["warm launch"], log,
+                 also=[(stats["python -c pass"], python_argv)])
+    measure_cold(bench, root, runs, base, stats["cold launch"], log)
+    measure_cleanup(bench, runs, stats["cleanup"], log)
+    if daemon:
+        served = Served(bench)
+        try:
+            user = served.start(log)
+            bench.timed(bench.via_argv("true", variant=user), user.env)  # warm-up
+            bench.wait_quiet(user.keep)
+            measure_warm(bench, user, runs, base, stats["warm launch" + DAEMON], log)
+            measure_cold(bench, user, runs, base, stats["cold launch" + DAEMON], log)
+        finally:
+            bench.problems += served.close()
+    return {name: st for name, st in stats.items() if st.samples}
+
+
+def measure_warm(bench: Bench, variant: Variant, runs: int, base: Stats, warm: Stats,
+                 log: Callable[[str], None],
+                 also: Sequence[tuple[Stats, list[str]]] = ()) -> None:
+    """``via-tunnel IFACE -- true`` while a holder (``-- sleep 600``, started the same way)
+    keeps the group up; one baseline run before each, and one run of each of ``also``
+    after each."""
+    log(f"{warm.name}: {runs} runs (a holder keeps the group up), baseline interleaved")
+    true_argv = bench.via_argv("true", variant=variant)
+    holder = bench.start_holder(["sleep", "600"], variant, stdin=subprocess.DEVNULL)
+    bench.timed(true_argv, variant.env)  # warm-up of the warm path
     for _ in range(runs):
-        base.add(bench.timed(baseline_argv))
-        warm.add(bench.timed(true_argv))
-        python.add(bench.timed(python_argv))
+        base.add(bench.timed(bench.baseline_argv))
+        warm.add(bench.timed(true_argv, variant.env))
+        for stats, argv in also:
+            stats.add(bench.timed(argv))
     holder.kill()
     holder.wait(timeout=SETTLE_TIMEOUT)
-    bench.wait_quiet()
+    bench.wait_quiet(variant.keep)
 
-    log(f"cold: {runs} runs (each waits until the previous group is gone), baseline "
-        f"interleaved")
+
+def measure_cold(bench: Bench, variant: Variant, runs: int, base: Stats, cold: Stats,
+                 log: Callable[[str], None]) -> None:
+    """``via-tunnel IFACE -- true`` with no group: each run waits until the previous group
+    is gone and its watcher has exited; one baseline run before each."""
+    log(f"{cold.name}: {runs} runs (each waits until the previous group is gone), "
+        f"baseline interleaved")
+    true_argv = bench.via_argv("true", variant=variant)
     for _ in range(runs):
-        base.add(bench.timed(baseline_argv))
-        cold.add(bench.timed(true_argv))
-        bench.wait_quiet()
+        base.add(bench.timed(bench.baseline_argv))
+        cold.add(bench.timed(true_argv, variant.env))
+        bench.wait_quiet(variant.keep)
 
+
+def measure_cleanup(bench: Bench, runs: int, clean: Stats, log: Callable[[str], None]) -> None:
     log(f"cleanup: {runs} runs")
     for _ in range(runs):
         proc = bench.start_holder(["sh", "-c", "read x || :"], stdin=subprocess.PIPE)
@@ -294,7 +385,165 @@ def measure(bench: Bench, runs: int, log: Callable[[str], None]) -> dict[str, St
         if proc.returncode != 0:
             raise BenchError(f"sh -c 'read x || :' exited {proc.returncode}")
         bench.wait_quiet()
-    return {s.name: s for s in (base, python, warm, cold, clean)}
+
+
+# -- the daemon rows: a throwaway user, a root daemon ---------------------------------------
+
+
+CONSOLE_SCRIPT = """#!{python}
+import sys
+from via_tunnel.cli import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+
+
+class Served:
+    """A throwaway unprivileged user allowed on IFACE by ``via-tunnel daemon``.
+
+    The daemon is the same via-tunnel as the root rows, run as root in the client namespace
+    with its socket in the instance's state dir. The user runs a world-readable, compiled
+    copy of the package with :data:`USER_PY` (as the daemon tests do), through ``setpriv``,
+    in the same form as the root rows: a console script (the copy's directory is its
+    ``sys.path[0]``) or ``-m via_tunnel`` with ``PYTHONPATH``. :meth:`close` undoes all of
+    it, whatever :meth:`start` got to do."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.top: str | None = None
+        self.user: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> str:
+        assert self.top is not None
+        return os.path.join(self.top, "daemon.log")
+
+    def start(self, log: Callable[[str], None]) -> Variant:
+        missing = [t for t in USER_TOOLS if shutil.which(t) is None]
+        if missing:
+            raise BenchError(f"the daemon rows need {', '.join(missing)} (--no-daemon skips "
+                             f"them)")
+        bench = self.bench
+        self.top = tempfile.mkdtemp(prefix="vt-bench-")
+        launcher, user_env = world_readable_copy(bench.package_parent, self.top,
+                                                 as_module=len(bench.launcher) > 1)
+        name = "vtb" + secrets.token_hex(4)
+        if _exists(pwd.getpwnam, name) or _exists(grp.getgrnam, name):
+            raise BenchError(f"user or group {name} already exists")  # not ours: keep it
+        self.user = name  # from here on, close() removes it (useradd may be interrupted)
+        add_user(name)
+        config = os.path.join(self.top, "daemon.toml")
+        with open(config, "w") as f:
+            f.write(f'[interface.{IFACE}]\nallow_users = ["{self.user}"]\n')
+        env = {**bench.env, "VIA_TUNNEL_SOCKET": os.path.join(bench.state_dir, "daemon.sock"),
+               "VIA_TUNNEL_CONFIG": config}
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([*bench.nsenter, *bench.launcher, "daemon"], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        wait_for(self._listening, "the daemon to listen")
+        how = " ".join(launcher) + "".join(f" ({k}={v})" for k, v in user_env.items())
+        log(f"daemon rows: user {self.user} runs {how} through setpriv; daemon pid "
+            f"{self.proc.pid}")
+        env.pop("PYTHONPATH", None)
+        prefix = [*bench.nsenter, "setpriv", "--reuid", self.user, "--regid", self.user,
+                  "--init-groups", "--", *launcher]
+        return Variant(prefix, {**env, **user_env}, keep=(self.proc.pid,))
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise BenchError(f"the daemon exited {self.proc.returncode}: "
+                             f"{_read(self.log_path).strip()[-300:]}")
+        return "listening on" in _read(self.log_path)
+
+    def close(self) -> list[str]:
+        """Stop the holders, let the daemon tear the group down, stop the daemon, remove the
+        user and the copy. Returns problems (empty when all went as it should)."""
+        problems: list[str] = []
+        self.bench.stop_holders()
+        if self.proc is not None:
+            try:
+                self.bench.wait_quiet(keep=(self.proc.pid,))
+            except BenchError as exc:
+                problems.append(f"daemon rows: {exc}")
+            problems += stop_daemon(self.proc, self.log_path)
+        if self.user is not None:
+            problems += remove_user(self.user)
+        if self.top is not None:
+            shutil.rmtree(self.top, ignore_errors=True)
+            if os.path.exists(self.top):
+                problems.append(f"could not remove {self.top}")
+        return problems
+
+
+def world_readable_copy(parent: str, top: str, as_module: bool
+                        ) -> tuple[list[str], dict[str, str]]:
+    """Copy the package in ``parent`` to ``top``, compiled (the user could not write its
+    ``__pycache__``: it would compile every module on every run) and readable by all.
+    Returns the user's launcher argv and the environment it needs."""
+    shutil.copytree(os.path.join(parent, "via_tunnel"), os.path.join(top, "via_tunnel"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([USER_PY, "-m", "compileall", "-q", os.path.join(top, "via_tunnel")],
+                   check=True, capture_output=True, timeout=RUN_TIMEOUT)
+    script = os.path.join(top, "via-tunnel")
+    with open(script, "w") as f:
+        f.write(CONSOLE_SCRIPT.format(python=USER_PY))
+    for dirpath, _dirs, files in os.walk(top):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    os.chmod(script, 0o755)
+    if as_module:
+        return [USER_PY, "-m", "via_tunnel"], {"PYTHONPATH": top}
+    return [script], {}
+
+
+def add_user(name: str) -> None:
+    """Create the user ``name`` (and its own group), with no home and no login shell."""
+    r = subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell",
+                        "/usr/sbin/nologin", name], capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT, check=False)
+    if r.returncode != 0:
+        raise BenchError(f"useradd {name} failed: {r.stderr.strip()[-300:]}")
+
+
+def remove_user(name: str) -> list[str]:
+    """Remove the user ``name`` and its group, if there. Returns what is left."""
+    for lookup, argv in ((pwd.getpwnam, ["userdel", name]), (grp.getgrnam, ["groupdel", name])):
+        if _exists(lookup, name):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT, check=False)
+    return [f"could not remove the {what} {name}" for what, lookup in
+            (("user", pwd.getpwnam), ("group", grp.getgrnam)) if _exists(lookup, name)]
+
+
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], log_path: str) -> list[str]:
+    """SIGTERM the daemon and reap it; problems: it had to be killed, it did not exit 0, or
+    it logged a failure."""
+    problems = []
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=SETTLE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        problems.append("the daemon did not stop on SIGTERM (killed)")
+    log = _read(log_path)
+    if proc.returncode != 0 and not problems:
+        problems.append(f"the daemon exited {proc.returncode}: {log.strip()[-300:]}")
+    problems += [f"daemon: {line}" for line in log.splitlines()
+                 if any(w in line for w in ("failed", "internal error", "Traceback"))]
+    return problems
 
 
 def leftovers(bench: Bench, before: dict[str, Any]) -> list[str]:
@@ -334,9 +583,9 @@ def snapshot(lab: Lab) -> dict[str, Any]:
 def rows(stats: dict[str, Stats]) -> list[list[str]]:
     base = stats["baseline"].median_ms
     out = []
-    for name in ("baseline", "python -c pass", "warm launch", "cold launch", "cleanup"):
+    for name in (n for n in ROWS if n in stats):
         s = stats[name]
-        relative = name in ("python -c pass", "warm launch", "cold launch")
+        relative = name in RELATIVE
         overhead = s.median_ms - base if relative else None
         target = TARGETS.get(name)
         if target is None:
@@ -386,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", metavar="DIR",
                         help="benchmark the via_tunnel package in DIR (python -m via_tunnel "
                              "with PYTHONPATH=DIR), e.g. to compare two versions")
+    parser.add_argument("--no-daemon", action="store_true",
+                        help="skip the daemon rows (no throwaway user, no daemon)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -419,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"lab {lab.prefix} up in {lab.up_seconds:.2f}s")
         bench = Bench(lab, launcher, extra_env)
         before = snapshot(lab)
-        stats = measure(bench, args.runs, log)
+        stats = measure(bench, args.runs, log, daemon=not args.no_daemon)
         problems = leftovers(bench, before)
     except (BenchError, LabError, OSError, subprocess.SubprocessError) as exc:
         failed = f"{type(exc).__name__}: {exc}"
@@ -427,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = "interrupted"
     finally:
         if bench is not None:
-            problems += shutdown(bench)
+            problems += bench.problems + shutdown(bench)
         lab.down()
         if bench is not None:
             problems += [f"could not remove {p}" for p in
@@ -448,14 +699,7 @@ def main(argv: list[str] | None = None) -> int:
 def shutdown(bench: Bench) -> list[str]:
     """Stop the holders, let the watcher tear the group down; if it does not, run
     ``via-tunnel cleanup``. Returns problems (empty when all went as it should)."""
-    for proc in bench.holders:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=SETTLE_TIMEOUT)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    bench.stop_holders()
     try:
         bench.wait_quiet()
         return []
