@@ -255,3 +255,24 @@ def test_cleanup_recovers_from_a_dead_watcher_and_spares_live_groups(
 
 def status(lab: Lab, env: dict[str, str]) -> list[dict]:  # type: ignore[type-arg]
     return list(json.loads(via(lab, env, "status", "--json").stdout)["groups"])
+
+
+def test_a_name_with_quotes_and_semicolons_is_data_not_nft_syntax(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    """Linux allows `"` and `;` in interface names; nft text would break (or worse) if a name
+    were spliced into it. It travels as JSON data, so this just works."""
+    name, peer = 'q"t;1', "qpeer"
+    lab.run(lab.client, ["ip", "link", "add", name, "type", "veth", "peer", "name", peer,
+                         "netns", lab.gateway])
+    try:
+        lab.run(lab.client, ["ip", "addr", "add", "192.0.2.98/30", "dev", name])
+        lab.run(lab.client, ["ip", "link", "set", name, "up"])
+        lab.run(lab.gateway, ["ip", "addr", "add", "192.0.2.97/30", "dev", peer])
+        lab.run(lab.gateway, ["ip", "link", "set", peer, "up"])
+        lab.run(lab.inet, ["ip", "route", "add", "192.0.2.96/30", "via", Lab.GW_WAN])
+        r = via(lab, vt_env, "--gateway", "192.0.2.97", name, "--", *lab.fetch_argv())
+        assert r.stdout.strip() == "192.0.2.98"
+    finally:
+        lab.run(lab.inet, ["ip", "route", "del", "192.0.2.96/30"], check=False)
+        wait_for(lambda: not cgroup_leftovers(vt_env), timeout=5, what="teardown")
+        lab.run(lab.client, ["ip", "link", "del", name], check=False)
