@@ -4,7 +4,7 @@
 # via-tunnel, and nothing left behind.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need_root
-apt_install "${RUNTIME_DEBS[@]}" openvpn curl
+apt_install "${RUNTIME_DEBS[@]}" openvpn curl procps
 make_venv /opt/via-tunnel
 ln -sf /opt/via-tunnel/bin/via-tunnel /usr/local/bin/via-tunnel
 install -D -m 644 "$REPO/completions/via-tunnel.bash" /usr/share/bash-completion/completions/via-tunnel 2>/dev/null || true
