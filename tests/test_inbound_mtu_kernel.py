@@ -67,3 +67,18 @@ def test_mss_is_clamped_and_bulk_tcp_flows_through_a_1400_mtu_tunnel(
     assert (proc.returncode, out) == (0, str(size))
     outgoing = [p for p in syns.packets() if f"{Lab.CLIENT_VETH}." in p.split(">")[0]]
     assert outgoing and all("mss 1360" in p for p in outgoing), outgoing
+
+
+def test_udp_server_on_the_wildcard_answers_through_the_tunnel_from_the_right_port(
+        lab: Lab, server: subprocess.Popen[str]) -> None:
+    """The reply's source is picked by the main table (the LAN's address) before any mark
+    exists; via-tunnel gives it back the address the client sent to, so the reply matches its
+    flow: right interface, right address, right port."""
+    with Capture(lab, lab.client, "eth0", f"udp port {PORT + 1}") as lan:
+        got = lab.run(lab.inet, ["socat", "-T3", "-", f"UDP:{Lab.CLIENT_VETH}:{PORT + 1}"],
+                      input="hi\n").stdout
+    assert got.strip() == Lab.INET_WAN
+    assert lan.packets() == []
+    got = lab.run(lab.inet, ["socat", "-T3", "-", f"UDP:{Lab.CLIENT_LAN}:{PORT + 1}"],
+                  input="hi\n").stdout
+    assert got.strip() == Lab.LAN_GW

@@ -8,6 +8,7 @@ setup and teardown, so the two can never disagree about what "ours" is.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
 from typing import Any, Literal
@@ -204,81 +205,19 @@ def _ipv6_mode(facts: LinkFacts, mode: IPv6Mode) -> Literal["tunnel", "block"]:
 
 # --------------------------------------------------------------------------- nftables
 
-# The fixed part of the ruleset. Only integers we compute ever reach this text; every
-# name (interfaces, cgroup paths) travels as JSON data in the per-group transactions.
-_BASE_RULESET = """\
-table inet via_tunnel {
-    # (mark . oifname) of every active group: where its packets may leave.
-    set group_oifs { type mark . ifname; }
-    # Packets arriving on a group's interface for this host carry the group's mark, so
-    # strict rp_filter accepts them and the connections they open are answered there.
-    map iif_marks { type ifname : mark; }
-    # Marks of groups whose IPv6 is blocked: refused at once (TCP reset / ICMP
-    # admin-prohibited) so dual-stack clients fall back to IPv4 instead of timing out.
-    set v6_blocked { type mark; }
-    # mark -> resolver: every DNS query of the group is sent there (through the interface).
-    map dns4 { type mark : ipv4_addr; }
-    map dns6 { type mark : ipv6_addr; }
-
-    chain route_output {
-        type route hook output priority mangle; policy accept;
-        ct mark & 0x80000000 == 0x80000000 meta mark set ct mark
-        ct direction reply return
-        jump group_sockets
-        meta nfproto ipv6 meta mark @v6_blocked jump refuse_v6
-    }
-    chain refuse_v6 {
-        fib daddr type local return
-        jump refuse
-    }
-    chain refuse {
-        meta l4proto tcp reject with tcp reset
-        reject with icmpx admin-prohibited
-    }
-    # One rule per cgroup level in use: cgroup -> mark, for the group's own sockets.
-    # Matching sockets (not only the ct mark) keeps the mark when conntrack loses a flow.
-    chain group_sockets {
-    }
-    chain nat_output {
-        type nat hook output priority -100; policy accept;  # dstnat
-        meta mark & 0x80000000 == 0 accept
-        meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 dnat ip to meta mark map @dns4
-        meta nfproto ipv6 meta l4proto { tcp, udp } th dport 53 dnat ip6 to meta mark map @dns6
-    }
-    # After DNAT: a group's DNS query still aimed at this host (a local stub such as
-    # 127.0.0.53 would ask upstream from its own socket, outside the group) is refused.
-    chain filter_output {
-        type filter hook output priority filter; policy accept;
-        meta mark & 0x80000000 == 0 accept
-        meta l4proto { tcp, udp } th dport 53 fib daddr type local jump refuse
-    }
-    chain prerouting {
-        type filter hook prerouting priority mangle; policy accept;
-        fib daddr type local meta mark set iifname map @iif_marks
-        ct state new meta mark & 0x80000000 == 0x80000000 ct mark set meta mark
-        ct direction reply ct mark & 0x80000000 == 0x80000000 meta mark set ct mark
-    }
-    chain postrouting {
-        type filter hook postrouting priority filter; policy accept;
-        meta mark & 0x80000000 == 0 accept
-        oifname "lo" accept
-        meta mark . oifname @group_oifs tcp flags syn tcp option maxseg size set rt mtu accept
-        meta mark . oifname @group_oifs accept
-        # Kill switch: a group's packet leaving by any other interface is dropped.
-        counter drop
-    }
-    chain postrouting_nat {
-        type nat hook postrouting priority srcnat; policy accept;
-        meta mark . oifname @group_oifs masquerade
-    }
-}
-"""
+# The fixed part of the ruleset lives in ruleset.nft next to this file (package data).
+# Only integers we compute ever reach nft as text; every name (interfaces, cgroup paths)
+# travels as JSON data in the per-group transactions.
+RULESET_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ruleset.nft")
 
 
 def base_ruleset() -> str:
     """The text that creates our table (without any group or cgroup level)."""
-    assert f"0x{MARK_FLAG:08x}" in _BASE_RULESET
-    return _BASE_RULESET
+    with open(RULESET_FILE) as f:
+        text = f.read()
+    if f"0x{MARK_FLAG:08x}" not in text:  # the file and settings.py must agree
+        raise ViaTunnelError(f"{RULESET_FILE} does not use mark flag 0x{MARK_FLAG:08x}")
+    return text
 
 
 def level_map_name(level: int) -> str:
