@@ -15,9 +15,11 @@ from via_tunnel.errors import EXIT_USAGE, ViaTunnelError
 
 HELP = (
     "Run a program so that all of its traffic leaves through one interface.\n\n"
-    "Launch form: via-tunnel [--gateway ADDR] [--ipv6 MODE] IFACE -- CMD [ARG...]"
+    "Launch form: via-tunnel [--gateway ADDR] [--dns ADDR]... [--ipv6 auto|tunnel|block] "
+    "[--user NAME] IFACE -- CMD [ARG...]  (see man via-tunnel)"
 )
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP,
+                  rich_markup_mode=None)
 _debug = False
 
 
@@ -128,7 +130,7 @@ def daemon(
     raise typer.Exit(run(socket, config))
 
 
-desktop_app = typer.Typer(no_args_is_help=True,
+desktop_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Desktop launchers (.desktop entries) that start an app via an "
                                "interface.")
 app.add_typer(desktop_app, name="desktop")
@@ -167,7 +169,7 @@ def desktop_list() -> None:
         print("no desktop entries installed by via-tunnel")
 
 
-gateway_app = typer.Typer(no_args_is_help=True,
+gateway_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="The VPS end: masquerade a tunnel out of WAN, forward WAN ports "
                                "to addresses behind it.")
 app.add_typer(gateway_app, name="gateway")
