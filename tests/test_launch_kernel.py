@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -276,3 +277,26 @@ def test_a_name_with_quotes_and_semicolons_is_data_not_nft_syntax(
         lab.run(lab.inet, ["ip", "route", "del", "192.0.2.96/30"], check=False)
         wait_for(lambda: not cgroup_leftovers(vt_env), timeout=5, what="teardown")
         lab.run(lab.client, ["ip", "link", "del", name], check=False)
+
+
+HALF_BUILT = """
+import os, sys, time
+from via_tunnel import cgroup, lifecycle, state
+from via_tunnel.settings import Settings, mark_for_slot, table_for_slot
+settings = Settings.from_env()
+mount = cgroup.cgroup2_mount()
+path = lifecycle.group_path(settings, mount, "vlan3")
+os.makedirs(path)
+state.save(settings, state.GroupRecord(
+    iface="vlan3", slot=1, mark=mark_for_slot(1), table=table_for_slot(1),
+    level=cgroup.level_of(path, mount), cgroup=path, cgroup_nft_path=cgroup.nft_path(path),
+    created=time.time()))  # the intent log of a setup that died before routes and nft
+"""
+
+
+def test_a_half_built_group_left_by_a_crash_is_rebuilt_not_joined(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    lab.run(lab.client, [sys.executable, "-c", HALF_BUILT], env=vt_env)
+    with Capture(lab, lab.client, "eth0", f"host {Lab.SERVER}") as lan:
+        assert via(lab, vt_env, "vlan3", "--", *lab.fetch_argv()).stdout.strip() == VETH
+    assert lan.packets() == []

@@ -244,7 +244,7 @@ class Daemon:
             rec = state.load(self.settings, req.iface)
             # As in launch.run: ensure_group reuses a live group, and refuses options that
             # would change the routing of the programs already in it.
-            if rec is None or not os.path.isdir(rec.cgroup) or req.gateway or req.dns:
+            if rec is None or not rec.usable() or req.gateway or req.dns:
                 rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
                                              ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
             self.ensure_watcher(req.iface)

@@ -157,7 +157,7 @@ def run(args: LaunchArgs) -> None:
     check_link(args.iface)
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
-        if rec is None or not os.path.isdir(rec.cgroup) or args.gateway or args.dns:
+        if rec is None or not rec.usable() or args.gateway or args.dns:
             from via_tunnel import lifecycle, policy
 
             # The config's defaults for this interface (dns, ipv6, gateway) apply where the

@@ -50,10 +50,10 @@ def ensure_group(
     """
     rec = state.load(settings, iface)
     if rec is not None:
-        if os.path.isdir(rec.cgroup):
+        if rec.usable():
             check_compatible(rec, gateway=gateway, dns=dns)
             return rec
-        teardown(settings, rec)  # a stale record from a crash: start clean
+        teardown(settings, rec)  # a crash left it stale or half-built: start clean
     return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
 
 
@@ -98,6 +98,8 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
         cgroup.make(path)
         netlink.apply(plan.rules, plan.routes)
         _nft_attach(plan)
+        rec.ready = True
+        state.save(settings, rec)
     except BaseException:
         with contextlib.suppress(Exception):
             teardown(settings, rec)

@@ -22,13 +22,13 @@ class GroupRecord:
     """
 
     __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "gateway4", "iface",
-                 "ipv6", "level", "mark", "saved_sysctls", "slot", "table")
+                 "ipv6", "level", "mark", "ready", "saved_sysctls", "slot", "table")
 
     def __init__(self, *, iface: str, slot: int, mark: int, table: int, level: int,
                  cgroup: str, cgroup_nft_path: str, created: float,
                  gateway4: str | None = None, ipv6: str = "block", dns4: str | None = None,
                  dns6: str | None = None,
-                 saved_sysctls: dict[str, str] | None = None) -> None:
+                 saved_sysctls: dict[str, str] | None = None, ready: bool = False) -> None:
         self.iface = iface
         self.slot = slot
         self.mark = mark
@@ -42,6 +42,14 @@ class GroupRecord:
         self.dns4 = dns4
         self.dns6 = dns6
         self.saved_sysctls = saved_sysctls or {}  # per-interface sysctls to put back
+        # Set once every part of the group is in place. A record without it is the intent
+        # log of a setup that died half-way: never joined, only torn down and rebuilt.
+        self.ready = ready
+
+    def usable(self) -> bool:
+        """Whether processes may join this group: its setup completed and its cgroup
+        exists. Joining a half-built group could send traffic around the tunnel."""
+        return self.ready and os.path.isdir(self.cgroup)
 
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__slots__}
