@@ -131,6 +131,9 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     from via_tunnel import netlink, nft
 
     plan = _plan_of(rec)
+    if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
+        rec.ready = False
+        state.save(settings, rec)
     kill_sockets(rec.cgroup)
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
     objects = nft.list_table()
