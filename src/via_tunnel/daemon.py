@@ -45,6 +45,7 @@ from via_tunnel.client import socket_path as default_socket_path
 from via_tunnel.errors import ViaTunnelError
 from via_tunnel.policy import ConfigError, Policy, Request, RequestError
 from via_tunnel.settings import Settings
+from via_tunnel.settings import config_path as settings_config_path
 
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 2.0  # for reading the whole request, and again for writing the answer
@@ -403,7 +404,7 @@ def run(socket_path: str | None = None, config_path: str | None = None) -> int:
     and stay routed); the next daemon adopts them."""
     if os.geteuid() != 0:
         raise ViaTunnelError("the daemon needs root")
-    config_path = config_path or policy_mod.config_path()
+    config_path = config_path or settings_config_path()
     path = socket_path or default_socket_path()
     policy = policy_mod.load(config_path)  # a broken config: refuse to start
     settings = Settings.from_env()

@@ -49,8 +49,7 @@ from via_tunnel.gateway import (
     up_commands,
 )
 from via_tunnel.names import validate_ifname
-from via_tunnel.policy import config_path
-from via_tunnel.settings import Settings
+from via_tunnel.settings import Settings, config_path
 
 PROC_SYS = "/proc/sys"
 RT_SCOPE_UNIVERSE = 0

@@ -158,15 +158,20 @@ def run(args: LaunchArgs) -> None:
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
         if rec is None or not rec.usable() or args.gateway or args.dns:
-            from via_tunnel import lifecycle, policy
+            from via_tunnel import lifecycle
+            from via_tunnel.settings import config_path
 
-            # The config's defaults for this interface (dns, ipv6, gateway) apply where the
-            # command line is silent, as they do for the daemon's users.
-            req = policy.effective(
-                policy.Request(args.iface, args.gateway, args.ipv6, args.dns),
-                policy.load(policy.config_path()).interfaces.get(args.iface))
-            rec = lifecycle.ensure_group(settings, args.iface, gateway=req.gateway,
-                                         ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
+            gateway, ipv6, dns = args.gateway, args.ipv6, args.dns
+            if os.path.exists(config_path()):  # (tomllib is not free: only when there is one)
+                # The config's defaults for this interface (dns, ipv6, gateway) apply where
+                # the command line is silent, as they do for the daemon's users.
+                from via_tunnel import policy
+
+                req = policy.effective(policy.Request(args.iface, gateway, ipv6, dns),
+                                       policy.load(config_path()).interfaces.get(args.iface))
+                gateway, ipv6, dns = req.gateway, req.ipv6, req.dns
+            rec = lifecycle.ensure_group(settings, args.iface, gateway=gateway,
+                                         ipv6=ipv6, dns=dns)  # type: ignore[arg-type]
         if not state.watcher_alive(settings, args.iface):
             from via_tunnel import watcher
 

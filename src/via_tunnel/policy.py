@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,8 +31,6 @@ from typing import Any
 from via_tunnel.errors import UsageError, ViaTunnelError
 from via_tunnel.names import validate_ifname
 
-DEFAULT_CONFIG = "/etc/via-tunnel/config.toml"
-ENV_CONFIG = "VIA_TUNNEL_CONFIG"
 IPV6_MODES = ("auto", "tunnel", "block")
 MAX_DNS = 8
 _IFACE_KEYS = frozenset({"allow_users", "allow_groups", "dns", "ipv6", "gateway"})
@@ -83,11 +80,6 @@ class Request:
     gateway: str | None = None
     ipv6: str = "auto"
     dns: tuple[str, ...] = ()
-
-
-def config_path() -> str:
-    """The config file: ``$VIA_TUNNEL_CONFIG`` or /etc/via-tunnel/config.toml."""
-    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
 
 
 def load(path: str) -> Policy:

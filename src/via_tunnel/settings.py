@@ -24,6 +24,8 @@ NFT_TABLE = "via_tunnel"
 NFT_FAMILY = "inet"
 
 ENV_STATE_DIR = "VIA_TUNNEL_STATE_DIR"
+ENV_CONFIG = "VIA_TUNNEL_CONFIG"
+DEFAULT_CONFIG = "/etc/via-tunnel/config.toml"
 ENV_CGROUP = "VIA_TUNNEL_CGROUP"
 
 
@@ -62,6 +64,11 @@ class Settings:
     @property
     def sysctl_path(self) -> str:
         return os.path.join(self.state_dir, "sysctl.json")
+
+
+def config_path() -> str:
+    """The config file: ``$VIA_TUNNEL_CONFIG`` or /etc/via-tunnel/config.toml."""
+    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
 
 
 def mark_for_slot(slot: int) -> int:
