@@ -24,6 +24,11 @@ from via_tunnel.errors import (
 )
 from via_tunnel.names import validate_ifname
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the hot path
+if TYPE_CHECKING:
+    from via_tunnel.settings import Settings
+    from via_tunnel.state import GroupRecord
+
 USAGE = ("usage: via-tunnel [--gateway ADDR] [--dns ADDR]... [--ipv6 auto|tunnel|block] "
          "[--user NAME] [--debug] IFACE -- CMD [ARG...]")
 IPV6_MODES = ("auto", "tunnel", "block")
@@ -157,26 +162,24 @@ def run(args: LaunchArgs) -> None:
     check_link(args.iface)
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
+        early = None
         if rec is None or not rec.usable() or args.gateway or args.dns:
-            from via_tunnel import lifecycle
-            from via_tunnel.settings import config_path
+            if rec is None:  # cold: the watcher first (it waits for the lock), then the join
+                from via_tunnel.early_join import EarlyJoin
 
-            gateway, ipv6, dns = args.gateway, args.ipv6, args.dns
-            if os.path.exists(config_path()):  # (tomllib is not free: only when there is one)
-                # The config's defaults for this interface (dns, ipv6, gateway) apply where
-                # the command line is silent, as they do for the daemon's users.
-                from via_tunnel import policy
-
-                req = policy.effective(policy.Request(args.iface, gateway, ipv6, dns),
-                                       policy.load(config_path()).interfaces.get(args.iface))
-                gateway, ipv6, dns = req.gateway, req.ipv6, req.dns
-            rec = lifecycle.ensure_group(settings, args.iface, gateway=gateway,
-                                         ipv6=ipv6, dns=dns)  # type: ignore[arg-type]
-        if not state.watcher_alive(settings, args.iface):
-            from via_tunnel import watcher
-
-            watcher.spawn(settings, args.iface, close_fds=(lock_fd,))
-        cgroup.join(rec.cgroup)
+                _ensure_watcher(settings, args.iface, lock_fd)
+                early = EarlyJoin(settings, args.iface)
+            try:
+                rec = _ensure(settings, args)
+                if early is not None:
+                    early.wait()
+            except BaseException:
+                if early is not None:
+                    early.undo()
+                raise
+        _ensure_watcher(settings, args.iface, lock_fd)
+        if early is None:
+            cgroup.join(rec.cgroup)
         # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
     if rec.dns4 is None and rec.dns6 is None:
         warn_if_dns_refused(args.iface)
@@ -184,6 +187,34 @@ def run(args: LaunchArgs) -> None:
         privdrop.drop(target)  # after joining (needs root), right before exec
     _warn_if_running(path, os.getuid(), args.iface)
     exec_in_place(path, args.argv)
+
+
+def _ensure_watcher(settings: Settings, iface: str, lock_fd: int) -> None:
+    """Start the group's watcher unless one is alive (it holds the group's watch lock)."""
+    from via_tunnel import state
+
+    if not state.watcher_alive(settings, iface):
+        from via_tunnel import watcher
+
+        watcher.spawn(settings, iface, close_fds=(lock_fd,))
+
+
+def _ensure(settings: Settings, args: LaunchArgs) -> GroupRecord:
+    """Create the group, or check that this run's options fit the existing one. The
+    config's defaults for the interface (dns, ipv6, gateway) apply where the command line is
+    silent, as they do for the daemon's users."""
+    from via_tunnel import lifecycle
+    from via_tunnel.settings import config_path
+
+    gateway, ipv6, dns = args.gateway, args.ipv6, args.dns
+    if os.path.exists(config_path()):  # (tomllib is not free: only when there is one)
+        from via_tunnel import policy
+
+        req = policy.effective(policy.Request(args.iface, gateway, ipv6, dns),
+                               policy.load(config_path()).interfaces.get(args.iface))
+        gateway, ipv6, dns = req.gateway, req.ipv6, req.dns
+    return lifecycle.ensure_group(settings, args.iface, gateway=gateway,
+                                  ipv6=ipv6, dns=dns)  # type: ignore[arg-type]
 
 
 def _warn_if_running(path: str, uid: int, iface: str) -> None:

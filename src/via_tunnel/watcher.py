@@ -90,9 +90,18 @@ def watch(settings: Settings, iface: str) -> None:
     link/address/route notifications, after which the routes are repaired (the kernel drops
     them when the interface goes down or away; fail-closed meanwhile). Emptiness is
     re-checked under the lock: a launcher may have joined between wake-up and lock.
+
+    A cold launch starts its watcher before it sets the group up, so the first look is
+    taken under the lock too: it waits for the setup, and if the setup failed there is no
+    group (and nothing to watch).
     """
     events = _rtnl_events()
     try:
+        with state.locked(settings):
+            if state.load(settings, iface) is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(state.watcher_lock_path(settings, iface))
+                return
         while True:
             rec = state.load(settings, iface)
             if rec is None:
