@@ -6,8 +6,9 @@ makes concurrent starts and exits race-free: a launcher joins a group and a watc
 the group is empty under the same lock.
 
 Ordering guarantees (no moment without routing for a process already in the group):
-* setup: record (intent log) -> cgroup -> routes -> ip rules -> nft elements; the caller
-  joins the cgroup only after all of that succeeded.
+* setup: record (intent log) -> cgroup -> routes -> ip rules -> nft elements -> record
+  marked ready. CMD runs in the group only after all of that succeeded (a cold launcher
+  may enter the new cgroup earlier, see early_join.py: it sends no traffic of its own).
 * teardown: only when ``cgroup.events`` says unpopulated; kill the group's remaining
   sockets (orphaned TCP sockets would otherwise retransmit by the LAN once the rules are
   gone) -> nft elements -> ip rules and routes -> cgroup -> record.
