@@ -53,10 +53,7 @@ def run_json(commands: list[dict[str, Any]]) -> dict[str, Any]:
 
 def list_table() -> list[dict[str, Any]] | None:
     """Our table as nft JSON objects, or None when it does not exist."""
-    rc, out, _err = _nft().cmd(f"list table {NFT_FAMILY} {NFT_TABLE}")
-    if rc != 0:
-        return None
-    return list(json.loads(out).get("nftables", []))
+    return list_json(f"list table {NFT_FAMILY} {NFT_TABLE}")
 
 
 def table_levels(objects: list[dict[str, Any]]) -> set[int]:
