@@ -4,11 +4,12 @@ without it, the local stub (which would ask upstream outside the group) is refus
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CaptureElsewhere, via, via_argv
+from helpers import CaptureElsewhere, via, via_argv, via_popen, wait_for
 
 from via_tunnel.lab import DNS_ANSWER, Lab
 
@@ -98,3 +99,30 @@ def test_config_default_dns_applies_to_root_launches(
     config.write_text("[interface.tun0\n")  # broken: one clear line, nothing changed
     r = via(lab, env, "tun0", "--", "true", check=False)
     assert r.returncode == 125 and "config.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_groups_resolver_goes_with_it_while_other_groups_live_on(
+        lab: Lab, vt_env: dict[str, str], resolvers: tuple[Path, Path]) -> None:
+    """Teardown of one group removes its DNS redirection even though the table stays for
+    the others: the next group in the same slot must not inherit the old resolver."""
+    remote, _stub = resolvers
+    holder = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")
+    try:
+        wait_for(lambda: status_groups(lab, vt_env) == ["vlan3"], timeout=5, what="holder")
+        assert via(lab, vt_env, "--dns", RESOLVER, "tun0", "--",
+                   *lab.dns_argv(STUB, "first.test")).stdout.strip() == DNS_ANSWER
+        wait_for(lambda: status_groups(lab, vt_env) == ["vlan3"], timeout=5, what="teardown")
+        dns4 = lab.run(lab.client, ["nft", "-j", "list", "map", "inet", "via_tunnel", "dns4"])
+        assert "elem" not in json.loads(dns4.stdout)["nftables"][1]["map"]
+        before = len(lines(remote))
+        r = via(lab, vt_env, "tun0", "--", *lab.dns_argv(STUB, "second.test"), check=False)
+        assert r.stdout.strip() == "FAIL"  # refused, not sent to the old resolver
+        assert len(lines(remote)) == before
+    finally:
+        holder.terminate()
+        holder.wait(timeout=5)
+
+
+def status_groups(lab: Lab, env: dict[str, str]) -> list[str]:
+    groups = json.loads(via(lab, env, "status", "--json").stdout)["groups"]
+    return sorted(g["interface"] for g in groups)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 
 from via_tunnel.errors import ViaTunnelError
 
@@ -114,26 +113,6 @@ def populated(path: str) -> bool:
     except FileNotFoundError:
         return False
     return False
-
-
-def wait_unpopulated(path: str, timeout: float | None = None) -> bool:
-    """Block until the group is empty (True) or ``timeout`` seconds pass (False).
-
-    ``cgroup.events`` signals every change with POLLPRI; we re-read it after each wake-up.
-    """
-    try:
-        fd = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLPRI | select.POLLERR)
-        while populated(path):
-            if not poller.poll(None if timeout is None else int(timeout * 1000)):
-                return False
-        return True
-    finally:
-        os.close(fd)
 
 
 def remove(path: str) -> None:

@@ -242,12 +242,10 @@ class Daemon:
         req = policy_mod.effective(req, policy.interfaces.get(req.iface))
         check_link(req.iface)
         with state.locked(self.settings):
-            rec = state.load(self.settings, req.iface)
-            # As in launch.run: ensure_group reuses a live group, and refuses options that
-            # would change the routing of the programs already in it.
-            if rec is None or not rec.usable() or req.gateway or req.dns:
-                rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
-                                             ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
+            # Reuses a live group (refusing options that would change the routing of the
+            # programs already in it), rebuilds a stale one, creates a missing one.
+            rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
+                                         ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
             self.ensure_watcher(req.iface)
             move(peer, rec.cgroup)
         return {"ok": True, "iface": req.iface, "cgroup": rec.cgroup,

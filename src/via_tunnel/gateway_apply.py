@@ -14,17 +14,15 @@ nothing to restore, so ``down`` never turns off what someone else turned on.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from via_tunnel import nft
+from via_tunnel import nft, state, sysctl
 from via_tunnel.errors import ViaTunnelError
 from via_tunnel.gateway import (
     GW_FAMILY,
@@ -118,25 +116,8 @@ class Paths:
         return os.path.join(self.dir, f"{validate_ifname(tun)}.json")
 
 
-@contextlib.contextmanager
-def locked(paths: Paths) -> Iterator[None]:
-    try:
-        os.makedirs(paths.dir, mode=0o755, exist_ok=True)
-        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except PermissionError:
-        raise ViaTunnelError(f"cannot write {paths.dir}: the gateway needs root") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+def locked(paths: Paths) -> state.FileLock:
+    return state.FileLock(paths.lock, paths.dir, who="the gateway")
 
 
 def load_states(paths: Paths) -> dict[str, dict[str, Any]]:
@@ -162,13 +143,11 @@ def load_states(paths: Paths) -> dict[str, dict[str, Any]]:
 
 
 def _read(rel: str) -> str:
-    with open(os.path.join(PROC_SYS, rel)) as f:
-        return f.read().strip()
+    return sysctl.read(os.path.join(PROC_SYS, rel))
 
 
 def _write(rel: str, value: str) -> None:
-    with open(os.path.join(PROC_SYS, rel), "w") as f:
-        f.write(value)
+    sysctl.write(os.path.join(PROC_SYS, rel), value)
 
 
 def _devices(family: str) -> list[str]:
@@ -205,7 +184,7 @@ def _claim_sysctls(paths: Paths, families: list[str]) -> None:
         first = family not in saved
         if first:  # saved before the change: a crash in between still leaves it restorable
             saved[family] = [] if on else _snapshot(family)
-            _write_json(paths.sysctl, saved)
+            state.write_json(paths.sysctl, saved)
         if not on:
             try:
                 _write(master, "1")
@@ -214,7 +193,7 @@ def _claim_sysctls(paths: Paths, families: list[str]) -> None:
                      f"traffic will be dropped")
                 if first:  # nothing changed, nothing to restore
                     del saved[family]
-                    _write_json(paths.sysctl, saved)
+                    state.write_json(paths.sysctl, saved)
 
 
 def _release_sysctls(paths: Paths, needed: set[str]) -> None:
@@ -225,7 +204,7 @@ def _release_sysctls(paths: Paths, needed: set[str]) -> None:
             with contextlib.suppress(OSError):  # a device that is gone since
                 _write(rel, value)
     if saved:
-        _write_json(paths.sysctl, saved)
+        state.write_json(paths.sysctl, saved)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.sysctl)
@@ -316,20 +295,20 @@ def up(cfg: GatewayConfig, settings: Settings) -> str:
                 and {n for n in names if owns(gw_id, n)} == wanted)
         if not same:
             record = {"plan": plan.to_dict(), "since": time.time()}
-            _write_json(paths.tunnel(cfg.tun), record)
+            state.write_json(paths.tunnel(cfg.tun), record)
             try:
                 nft.run_json(up_commands(plan, names))
             except ViaTunnelError:
                 if old is None:
                     os.unlink(paths.tunnel(cfg.tun))
                 else:
-                    _write_json(paths.tunnel(cfg.tun), old)
+                    state.write_json(paths.tunnel(cfg.tun), old)
                 raise
         _claim_sysctls(paths, _families(plan))
         _check_device_forwarding(plan)
     fw = ", ".join(f.spec() for f in plan.forwards) or "no ports"
-    state = "already up" if same else "up"
-    return (f"gateway {plan.tun} {state}: {plan.subnet} masqueraded out of {plan.wan}; "
+    verdict = "already up" if same else "up"
+    return (f"gateway {plan.tun} {verdict}: {plan.subnet} masqueraded out of {plan.wan}; "
             f"forwarding {fw}")
 
 

@@ -1,6 +1,6 @@
 """The life of a group: create it, let processes join, tear it down when it is empty.
 
-This is the one place that sequences the adapters. The launcher and (later) the daemon both
+This is the one place that sequences the adapters. The launcher and the daemon both
 call it, always with the global lock held (:func:`via_tunnel.state.locked`), which is what
 makes concurrent starts and exits race-free: a launcher joins a group and a watcher decides
 the group is empty under the same lock.
@@ -23,15 +23,8 @@ import time
 
 from via_tunnel import cgroup, state, sysctl
 from via_tunnel.errors import KernelError, ViaTunnelError
-from via_tunnel.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements
-from via_tunnel.settings import (
-    MARK_MASK,
-    MAX_SLOT,
-    RULE_PRIORITY,
-    TABLE_BASE,
-    Settings,
-    mark_for_slot,
-)
+from via_tunnel.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements, group_rules
+from via_tunnel.settings import MAX_SLOT, Settings, mark_for_slot, table_for_slot
 from via_tunnel.state import GroupRecord
 
 GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
@@ -116,14 +109,13 @@ def _nft_attach(plan: GroupPlan) -> None:
 
 
 def _plan_of(rec: GroupRecord) -> GroupPlan:
-    """Enough of the plan to name what a record's group added (teardown needs no facts)."""
-    from socket import AF_INET, AF_INET6
-
-    rules = tuple(RuleSpec(f, RULE_PRIORITY, rec.mark, MARK_MASK, rec.table)
-                  for f in (AF_INET, AF_INET6))
+    """Enough of the plan to name everything a record's group added (teardown needs no
+    facts): the same rules and nft elements, from the same functions setup used."""
     return GroupPlan(iface=rec.iface, slot=rec.slot, mark=rec.mark, table=rec.table,
-                     level=rec.level, cgroup_nft_path=rec.cgroup_nft_path, rules=rules,
-                     routes=(), ipv6="tunnel" if rec.ipv6 == "tunnel" else "block")
+                     level=rec.level, cgroup_nft_path=rec.cgroup_nft_path,
+                     rules=group_rules(rec.mark, rec.table), routes=(),
+                     ipv6="tunnel" if rec.ipv6 == "tunnel" else "block",
+                     dns4=rec.dns4, dns6=rec.dns6)
 
 
 def teardown(settings: Settings, rec: GroupRecord) -> None:
@@ -241,14 +233,10 @@ def cleanup(settings: Settings) -> list[str]:
     live_slots = {r.slot for r in live}
     stray_rules: list[RuleSpec] = []
     stray_tables: list[int] = []
-    from socket import AF_INET, AF_INET6
-
     for slot in range(1, MAX_SLOT + 1):
-        if slot in live_slots:
-            continue
-        stray_tables.append(TABLE_BASE + slot)
-        stray_rules.extend(RuleSpec(f, RULE_PRIORITY, mark_for_slot(slot), MARK_MASK,
-                                    TABLE_BASE + slot) for f in (AF_INET, AF_INET6))
+        if slot not in live_slots:
+            stray_tables.append(table_for_slot(slot))
+            stray_rules.extend(group_rules(mark_for_slot(slot), table_for_slot(slot)))
     present = netlink.our_rules_and_tables(stray_rules, stray_tables)
     if present:
         netlink.remove(present[0], present[1])

@@ -134,8 +134,7 @@ def plan_group(
         routes.append(RouteSpec(AF_INET6, table, "default", oif=facts.index, gateway=gw6))
     routes.append(RouteSpec(AF_INET6, table, "default", kind="unreachable",
                             metric=UNREACHABLE_METRIC))
-    rules = tuple(RuleSpec(fam, RULE_PRIORITY, mark, MARK_MASK, table)
-                  for fam in (AF_INET, AF_INET6))
+    rules = group_rules(mark, table)
     dns4, dns6 = split_resolvers(dns)
     if dns6 is not None and v6_mode == "block":
         raise ViaTunnelError(
@@ -150,6 +149,12 @@ def plan_group(
         cgroup_nft_path=cgroup_nft_path, rules=rules, routes=tuple(routes), ipv6=v6_mode,
         gateway4=nexthop, dns4=dns4, dns6=dns6, sysctls=sysctls,
     )
+
+
+def group_rules(mark: int, table: int) -> tuple[RuleSpec, ...]:
+    """The ip rules (v4 and v6) that send a group's marked packets to its table."""
+    return tuple(RuleSpec(fam, RULE_PRIORITY, mark, MARK_MASK, table)
+                 for fam in (AF_INET, AF_INET6))
 
 
 def split_resolvers(dns: tuple[str, ...]) -> tuple[str | None, str | None]:

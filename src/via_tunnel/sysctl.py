@@ -16,12 +16,12 @@ SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
 WANTED = {SRC_VALID_MARK: "1"}
 
 
-def _read(path: str) -> str:
+def read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
 
 
-def _write(path: str, value: str) -> None:
+def write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
 
@@ -29,23 +29,23 @@ def _write(path: str, value: str) -> None:
 def ensure(settings: Settings) -> None:
     """Set what we need, saving the previous values once (the first group saves them)."""
     if not os.path.exists(settings.sysctl_path):
-        saved = {p: _read(p) for p in WANTED}
+        saved = {p: read(p) for p in WANTED}
         tmp = settings.sysctl_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(saved, f)
         os.replace(tmp, settings.sysctl_path)
     for path, value in WANTED.items():
-        if _read(path) != value:
-            _write(path, value)
+        if read(path) != value:
+            write(path, value)
 
 
 def apply_saving(values: tuple[tuple[str, str], ...]) -> dict[str, str]:
     """Set each (path, value); return the previous values of those that changed."""
     saved = {}
     for path, value in values:
-        old = _read(path)
+        old = read(path)
         if old != value:
-            _write(path, value)
+            write(path, value)
             saved[path] = old
     return saved
 
@@ -55,7 +55,7 @@ def put_back(saved: dict[str, str]) -> None:
     for path, value in saved.items():
         if path.startswith("/proc/sys/net/"):
             with contextlib.suppress(OSError):
-                _write(path, value)
+                write(path, value)
 
 
 def restore(settings: Settings) -> None:
@@ -68,5 +68,5 @@ def restore(settings: Settings) -> None:
     for path, value in saved.items():
         if path in WANTED:
             with contextlib.suppress(OSError):
-                _write(path, str(value))
+                write(path, str(value))
     os.unlink(settings.sysctl_path)
