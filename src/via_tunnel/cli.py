@@ -9,7 +9,7 @@ import sys
 from via_tunnel.errors import EXIT_FAILURE, ViaTunnelError
 
 SUBCOMMANDS = frozenset({"status", "cleanup", "demo", "version", "gateway", "daemon",
-                         "desktop"})
+                         "desktop", "doctor", "trace"})
 
 
 def _is_subcommand(args: list[str]) -> bool:

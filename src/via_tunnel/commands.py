@@ -86,6 +86,32 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
 
 
 @app.command()
+def doctor(
+    iface: Annotated[str | None, typer.Argument(
+        help="Also check this interface: up, addresses, next hop, MTU.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Check this machine for what via-tunnel needs and what gets in its way; one line per
+    check (OK/WARN/FAIL) with the fix. Exits 0 when nothing fails."""
+    from via_tunnel import doctor as doctor_mod
+
+    raise typer.Exit(doctor_mod.run(iface, json_out=json_out))
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def trace(
+    iface: Annotated[str, typer.Argument(help="The interface whose group to watch.")],
+    cmd: Annotated[list[str] | None, typer.Argument(
+        help="After --: a command to start in the group while tracing.")] = None,
+) -> None:
+    """Show the group's new connections live (pid, command, destination, interface, source
+    address) and the kill switch's drops, until Ctrl-C or until CMD exits."""
+    from via_tunnel import trace as trace_mod
+
+    raise typer.Exit(trace_mod.run(iface, list(cmd or ())))
+
+
+@app.command()
 def cleanup() -> None:
     """Remove whatever a crashed or killed run left behind. Safe at any time: a group that
     still has processes is never touched."""
