@@ -115,10 +115,13 @@ class Lab:
     UDP_PORT = 7
 
     def __init__(
-        self, prefix: str | None = None, openvpn: bool = True, *, rp_filter: int = 1
+        self, prefix: str | None = None, openvpn: bool = True, *, rp_filter: int = 1,
+        vpn_mark: int | None = None,
     ) -> None:
         """``prefix``: 1-12 characters of ``[a-z0-9]`` (default ``"vt"`` + 4 random hex).
-        ``rp_filter``: the client's ``net.ipv4.conf.{all,default}.rp_filter`` (0, 1 or 2)."""
+        ``rp_filter``: the client's ``net.ipv4.conf.{all,default}.rp_filter`` (0, 1 or 2).
+        ``vpn_mark``: the client's openvpn marks its own UDP packets with it (``--mark``),
+        as a system-wide VPN does so that a ``not fwmark`` rule keeps them off the tunnel."""
         prefix = prefix if prefix is not None else "vt" + secrets.token_hex(2)
         if not (1 <= len(prefix) <= 12 and prefix.isascii() and prefix.isalnum()):
             raise ValueError(f"bad lab prefix {prefix!r}: use 1-12 characters [a-z0-9]")
@@ -127,6 +130,7 @@ class Lab:
         self.prefix = prefix.lower()
         self.openvpn = openvpn
         self.rp_filter = rp_filter
+        self.vpn_mark = vpn_mark
         self.client = f"{self.prefix}-c"
         self.gateway = f"{self.prefix}-g"
         self.inet = f"{self.prefix}-i"
@@ -420,6 +424,8 @@ class Lab:
             end = ("1", self.CLIENT_LAN, self.GW_WAN, self.CLIENT_TUN, self.GW_TUN)
         argv = openvpn_argv(str(self.workdir / "static.key"), *end,
                             log=str(self.workdir / f"openvpn-{ns}.log"))  # fmt: skip
+        if ns == self.client and self.vpn_mark is not None:
+            argv += ["--mark", str(self.vpn_mark)]
         return self.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
