@@ -29,9 +29,50 @@ if TYPE_CHECKING:
     from via_tunnel.settings import Settings
     from via_tunnel.state import GroupRecord
 
-USAGE = ("usage: via-tunnel [--gateway ADDR] [--dns ADDR]... [--ipv6 auto|tunnel|block] "
-         "[--user NAME] [--debug] IFACE -- CMD [ARG...]")
 IPV6_MODES = ("auto", "tunnel", "block")
+
+
+class LaunchOption:
+    """One option of the launch form. :data:`LAUNCH_OPTIONS` is the single description that
+    :func:`parse`, the usage line, the shell completions (``completion_gen``) and the man
+    page test read. ``metavar`` is None for a flag; ``complete`` says what a shell should
+    offer for the value ("user", or "" for nothing; ``choices`` when there are any)."""
+
+    __slots__ = ("choices", "complete", "help", "metavar", "name", "repeatable")
+
+    def __init__(self, name: str, metavar: str | None, help: str, *,
+                 repeatable: bool = False, choices: tuple[str, ...] = (),
+                 complete: str = "") -> None:
+        self.name = name
+        self.metavar = metavar
+        self.help = help
+        self.repeatable = repeatable
+        self.choices = choices
+        self.complete = complete
+
+
+LAUNCH_OPTIONS = (
+    LaunchOption("--gateway", "ADDR", "Next hop on a broadcast interface (default: the next "
+                 "hop of a main-table route through IFACE)."),
+    LaunchOption("--dns", "ADDR", "Send every DNS query of the group to ADDR through IFACE "
+                 "(IPv4 and/or IPv6).", repeatable=True),
+    LaunchOption("--ipv6", "|".join(IPV6_MODES), "IPv6 of the group: through IFACE when it "
+                 "has IPv6 (auto), required (tunnel) or refused (block).", choices=IPV6_MODES),
+    LaunchOption("--user", "NAME", "Run CMD as this user (root only).", complete="user"),
+    LaunchOption("--debug", None, "Show a traceback with errors."),
+)
+_BY_NAME = {o.name: o for o in LAUNCH_OPTIONS}
+
+
+def _usage() -> str:
+    parts = ["usage: via-tunnel"]
+    for o in LAUNCH_OPTIONS:
+        value = "" if o.metavar is None else f" {o.metavar}"
+        parts.append(f"[{o.name}{value}]{'...' if o.repeatable else ''}")
+    return " ".join([*parts, "IFACE -- CMD [ARG...]"])
+
+
+USAGE = _usage()
 
 
 class LaunchArgs:
@@ -52,39 +93,29 @@ class LaunchArgs:
 
 
 def parse(args: list[str]) -> LaunchArgs:
-    """Parse the launch form. Options come before IFACE; everything after ``--`` (or after
-    IFACE) belongs to CMD untouched."""
-    gateway: str | None = None
-    ipv6 = "auto"
-    debug = False
-    dns: list[str] = []
-    user: str | None = None
+    """Parse the launch form (options from :data:`LAUNCH_OPTIONS`). Options come before
+    IFACE; everything after ``--`` (or after IFACE) belongs to CMD untouched."""
+    values: dict[str, list[str]] = {}
     i = 0
     while i < len(args) and args[i].startswith("-") and args[i] != "--":
-        opt, eq, val = args[i].partition("=")
-        if opt == "--debug" and not eq:
-            debug = True
+        name, eq, val = args[i].partition("=")
+        opt = _BY_NAME.get(name)
+        if opt is None or (opt.metavar is None and eq):
+            raise UsageError(f"unknown option {args[i]!r}\n{USAGE}")
+        if opt.metavar is None:
+            val = ""
+        elif not eq:
+            if i + 1 >= len(args):
+                raise UsageError(f"option {name} needs a value\n{USAGE}")
             i += 1
-            continue
-        if opt in ("--gateway", "--ipv6", "--dns", "--user"):
-            if not eq:
-                if i + 1 >= len(args):
-                    raise UsageError(f"option {opt} needs a value\n{USAGE}")
-                val = args[i + 1]
-                i += 1
-            if opt == "--gateway":
-                gateway = val
-            elif opt == "--dns":
-                dns.append(val)
-            elif opt == "--user":
-                user = val
-            else:
-                if val not in IPV6_MODES:
-                    raise UsageError(f"--ipv6 must be one of {', '.join(IPV6_MODES)}")
-                ipv6 = val
-            i += 1
-            continue
-        raise UsageError(f"unknown option {args[i]!r}\n{USAGE}")
+            val = args[i]
+        if opt.choices and val not in opt.choices:
+            raise UsageError(f"{name} must be one of {', '.join(opt.choices)}")
+        if opt.repeatable:
+            values.setdefault(name, []).append(val)
+        else:
+            values[name] = [val]  # the last one wins
+        i += 1
     if i >= len(args) or args[i] == "--":
         raise UsageError(f"missing interface\n{USAGE}")
     iface = validate_ifname(args[i])
@@ -93,8 +124,13 @@ def parse(args: list[str]) -> LaunchArgs:
         rest = rest[1:]
     if not rest:
         raise UsageError(f"missing command to run\n{USAGE}")
-    return LaunchArgs(iface=iface, argv=rest, gateway=gateway, ipv6=ipv6, debug=debug,
-                      dns=tuple(dns), user=user)
+
+    def one(name: str) -> str | None:
+        return values[name][-1] if name in values else None
+
+    return LaunchArgs(iface=iface, argv=rest, gateway=one("--gateway"),
+                      ipv6=one("--ipv6") or "auto", debug="--debug" in values,
+                      dns=tuple(values.get("--dns", ())), user=one("--user"))
 
 
 def resolve(cmd: str, path_env: str | None = None) -> str:
@@ -163,7 +199,8 @@ def run(args: LaunchArgs) -> None:
     with state.locked(settings) as lock_fd:
         rec = state.load(settings, args.iface)
         early = None
-        if rec is None or not rec.usable() or args.gateway or args.dns:
+        if rec is None or not rec.usable() or args.gateway or args.dns \
+                or args.ipv6 != "auto":
             if rec is None:  # cold: the watcher first (it waits for the lock), then the join
                 from via_tunnel.early_join import EarlyJoin
 
