@@ -89,6 +89,8 @@ def test_local_only_resolv_conf_without_dns_is_said_once(
 def test_config_default_dns_applies_to_root_launches(
         lab: Lab, vt_env: dict[str, str], resolvers: tuple[Path, Path], tmp_path: Path) -> None:
     remote, _stub = resolvers
+    # The config applies when the group is created: wait for the earlier tests' groups to go.
+    wait_for(lambda: status_groups(lab, vt_env) == [], timeout=5, what="earlier groups to go")
     before = len(lines(remote))
     config = tmp_path / "config.toml"
     config.write_text(f'[interface.tun0]\ndns = ["{RESOLVER}"]\n')

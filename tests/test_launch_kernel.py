@@ -95,6 +95,18 @@ def test_ipv6_goes_through_a_tunnel_that_has_it(lab: Lab, vt_env: dict[str, str]
     r = via(lab, vt_env, "--ipv6", "block", "tun0", "--", "curl", "-s", "--max-time", "5", url,
             check=False)
     assert r.returncode != 0
+    # While that group lingers (its watcher tears it down a few ms after curl exits), asking
+    # for the opposite IPv6 routing is refused rather than silently joining it.
+    holder = via_popen(lab, vt_env, "--ipv6", "block", "tun0", "--", "sleep", "30")
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(vt_env["VIA_TUNNEL_STATE_DIR"], "groups",
+                                                     "tun0.json")), what="the tun0 group")
+        r = via(lab, vt_env, "--ipv6", "tunnel", "tun0", "--", "true", check=False)
+        assert r.returncode == 125 and "already in use with IPv6 blocked" in r.stderr
+    finally:
+        holder.terminate()
+        holder.wait()
+    wait_for(lambda: not cgroup_leftovers(vt_env), what="the tun0 group to go")
     r = via(lab, vt_env, "--ipv6", "tunnel", "tun0", "--", "true", check=False)
     assert r.returncode == 125 and "no global IPv6" in r.stderr
 

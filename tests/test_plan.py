@@ -101,13 +101,14 @@ def test_nft_text_carries_no_names_and_elements_carry_them_as_data() -> None:
     assert 'q"x;' not in base_ruleset() + level_ruleset(2)
     add = group_elements(p, "add")
     delete = group_elements(p, "delete")
-    assert [next(iter(c)) for c in add] == ["add"] * 4
-    assert [next(iter(c)) for c in delete] == ["delete"] * 4
+    assert [next(iter(c)) for c in add] == ["add"] * 6
     assert [c["add"] for c in add] == [c["delete"] for c in delete]
-    assert add[0]["add"]["element"]["elem"] == [{"concat": [p.mark, 'q"x;']}]
-    assert add[2]["add"]["element"]["name"] == "groups_l2"
-    assert add[3]["add"]["element"] == {"family": "inet", "table": "via_tunnel",
-                                        "name": "v6_blocked", "elem": [p.mark]}
+    elements = {c["add"]["element"]["name"]: c["add"]["element"]["elem"] for c in add}
+    for name in ("group_oifs", "tx", "rx"):
+        assert elements[name] == [{"concat": [p.mark, 'q"x;']}]
+    assert elements["iif_marks"] == [['q"x;', p.mark]]
+    assert elements["v6_blocked"] == [p.mark]
+    assert "groups_l2" in elements
 
 
 def test_level_ruleset_rejects_nonsense_levels() -> None:

@@ -105,14 +105,15 @@ def members(path: str) -> list[int]:
 def populated(path: str) -> bool:
     """True while the group or a descendant has a live process (``cgroup.events``)."""
     try:
-        with open(os.path.join(path, "cgroup.events")) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == "populated":
-                    return value.strip() == "1"
+        with open(os.path.join(path, "cgroup.events"), "rb") as f:
+            return events_say_populated(f.read())
     except FileNotFoundError:
         return False
-    return False
+
+
+def events_say_populated(content: bytes) -> bool:
+    """Whether the text of a ``cgroup.events`` file says ``populated 1``."""
+    return b"populated 1" in content.split(b"\n")
 
 
 def remove(path: str) -> None:

@@ -24,7 +24,14 @@ import time
 from via_tunnel import cgroup, state, sysctl
 from via_tunnel.errors import KernelError, ViaTunnelError
 from via_tunnel.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements, group_rules
-from via_tunnel.settings import MAX_SLOT, Settings, mark_for_slot, table_for_slot
+from via_tunnel.settings import (
+    MAX_SLOT,
+    NFT_FAMILY,
+    NFT_TABLE,
+    Settings,
+    mark_for_slot,
+    table_for_slot,
+)
 from via_tunnel.state import GroupRecord
 
 GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
@@ -45,13 +52,14 @@ def ensure_group(
     rec = state.load(settings, iface)
     if rec is not None:
         if rec.usable():
-            check_compatible(rec, gateway=gateway, dns=dns)
+            check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
             return rec
         teardown(settings, rec)  # a crash left it stale or half-built: start clean
     return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
 
 
-def check_compatible(rec: GroupRecord, *, gateway: str | None, dns: tuple[str, ...]) -> None:
+def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = "auto",
+                     dns: tuple[str, ...] = ()) -> None:
     """A run joining an existing group may not ask for other routing than it has: that
     would silently change the traffic of the programs already running in it."""
     from via_tunnel.plan import split_resolvers
@@ -60,6 +68,11 @@ def check_compatible(rec: GroupRecord, *, gateway: str | None, dns: tuple[str, .
         raise ViaTunnelError(
             f"{rec.iface} is already in use with gateway {rec.gateway4}; "
             f"--gateway {gateway} would change the routing of running programs")
+    if ipv6 != "auto" and rec.ipv6 != ipv6:
+        have = "blocked" if rec.ipv6 == "block" else "through the tunnel"
+        raise ViaTunnelError(
+            f"{rec.iface} is already in use with IPv6 {have}; --ipv6 {ipv6} would change "
+            f"the routing of running programs")
     if dns and split_resolvers(dns) != (rec.dns4, rec.dns6):
         have = ", ".join(a for a in (rec.dns4, rec.dns6) if a) or "no --dns"
         raise ViaTunnelError(
@@ -176,19 +189,23 @@ def kill_sockets(path: str) -> None:
 
 
 def repair(settings: Settings, iface: str) -> bool:
-    """Re-add the group's routes after its interface came back (up again, or re-created
-    with the same name). Caller holds the lock. Returns True when routing is in place.
+    """Put back whatever of the group of ``iface`` someone removed: our nft table, its rules
+    and elements (``nft flush ruleset``), the ip rules (systemd-networkd) and the routes
+    (the kernel drops them when the interface goes down or is re-created). Caller holds
+    the lock. Returns True when routing is in place again.
 
-    While the interface is down or gone the kernel has removed every route through it;
-    the table's ``unreachable`` default and the postrouting drop keep the group closed.
-    All adds are idempotent, so calling this on every link event is harmless.
+    Everything is checked before it is written, so a repair of an intact group changes
+    nothing and triggers no new change event (the watcher would wake up again). While the
+    interface is down or gone, the table's ``unreachable`` default and the postrouting drop
+    keep the group closed.
     """
     from via_tunnel import netlink
     from via_tunnel.plan import plan_group
 
     rec = state.load(settings, iface)
-    if rec is None:
+    if rec is None or not rec.ready:  # a group being torn down is not brought back
         return False
+    reattach_nft(settings)
     try:
         facts = netlink.link_facts(iface)
         plan = plan_group(facts, slot=rec.slot, level=rec.level,
@@ -202,6 +219,41 @@ def repair(settings: Settings, iface: str) -> bool:
         return False
     sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
     return True
+
+
+def reattach_nft(settings: Settings) -> bool:
+    """Make our nft table whole again for every ready group; True if anything was missing.
+
+    A table that lost a chain or rule is replaced whole (patching individual rules would
+    need to know what is left of them); the elements follow in a second transaction,
+    since JSON cannot express the fixed ruleset and text must not carry names.
+    """
+    from via_tunnel import nft
+    from via_tunnel.plan import base_ruleset, level_ruleset, missing_from, table_damaged
+
+    records = [r for r in state.load_all(settings) if r.usable()]
+    if not records:
+        return False
+    listing = nft.list_table()
+    have: set[int] = set()
+    if listing is None:
+        text, listing = base_ruleset(), []
+    elif table_damaged(listing):  # replaced whole, in the same transaction
+        text, listing = f"delete table {NFT_FAMILY} {NFT_TABLE}\n" + base_ruleset(), []
+    else:
+        text, have = "", nft.table_levels(listing)
+    for level in sorted({r.level for r in records} - have):
+        text += level_ruleset(level)
+    commands = []
+    for rec in records:
+        plan = _plan_of(rec)
+        if text or missing_from(listing, plan):
+            commands += group_elements(plan, "add")
+    if text:
+        nft.run_text(text)
+    if commands:
+        nft.run_json(commands)
+    return bool(text or commands)
 
 
 def teardown_if_empty(settings: Settings, iface: str) -> bool:

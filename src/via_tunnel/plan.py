@@ -259,6 +259,8 @@ def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict
 
     commands = [
         element("group_oifs", [{"concat": [plan.mark, plan.iface]}]),
+        element("tx", [{"concat": [plan.mark, plan.iface]}]),
+        element("rx", [{"concat": [plan.mark, plan.iface]}]),
         element("iif_marks", [[plan.iface, plan.mark]]),
         element(level_map_name(plan.level), [[plan.cgroup_nft_path, plan.mark]]),
     ]
@@ -269,3 +271,76 @@ def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict
     if plan.dns6 is not None:
         commands.append(element("dns6", [[plan.mark, plan.dns6]]))
     return commands
+
+
+def missing_from(listing: list[dict[str, Any]], plan: GroupPlan) -> bool:
+    """Whether a listing of our table (nft JSON objects) lacks anything that
+    ``group_elements(plan, "add")`` adds.
+
+    The cgroup maps are checked by value only: nft prints a cgroup key by searching
+    /sys/fs/cgroup for its inode, which on a hybrid host can name the wrong path.
+    """
+    held: dict[str, list[Any]] = {}
+    for obj in listing:
+        body = obj.get("set") or obj.get("map")
+        if body is not None:
+            held[body["name"]] = [_element_value(e) for e in body.get("elem", [])]
+    for command in group_elements(plan, "add"):
+        elem = command["add"]["element"]
+        have = held.get(elem["name"])
+        if have is None:
+            return True
+        for item in elem["elem"]:
+            if elem["name"].startswith("groups_l"):
+                if not any(isinstance(h, list) and h[1] == item[1] for h in have):
+                    return True
+            elif item not in have:
+                return True
+    return False
+
+
+def _element_value(e: Any) -> Any:
+    """An element as listed, without the per-element statements (counters)."""
+    return e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
+
+
+def table_damaged(listing: list[dict[str, Any]]) -> bool:
+    """Whether a listing of our table misses a chain or rule of the fixed ruleset or of a
+    cgroup level (what ``nft flush table`` or a stray ``nft delete rule`` leaves)."""
+    rules: dict[str, int] = {}
+    levels = 0
+    for obj in listing:
+        if "chain" in obj:
+            rules.setdefault(obj["chain"]["name"], 0)
+        elif "rule" in obj:
+            chain = obj["rule"]["chain"]
+            rules[chain] = rules.get(chain, 0) + 1
+        elif "map" in obj and obj["map"]["name"].startswith("groups_l"):
+            levels += 1
+    expected = dict(_base_rule_counts())
+    expected["group_sockets"] = levels
+    return any(rules.get(chain, -1) < n for chain, n in expected.items())
+
+
+_rule_counts: tuple[tuple[str, int], ...] | None = None
+
+
+def _base_rule_counts() -> tuple[tuple[str, int], ...]:
+    """(chain, number of rules) of ruleset.nft: every line inside a chain block that is
+    not its type/policy line or a comment is one rule."""
+    global _rule_counts
+    if _rule_counts is None:
+        counts: list[tuple[str, int]] = []
+        chain: str | None = None
+        n = 0
+        for raw in base_ruleset().splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if line.startswith("chain "):
+                chain, n = line.split()[1], 0
+            elif chain is not None and line == "}":
+                counts.append((chain, n))
+                chain = None
+            elif chain is not None and line and not line.startswith("type "):
+                n += 1
+        _rule_counts = tuple(counts)
+    return _rule_counts

@@ -16,8 +16,8 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import sys
-from typing import Any
 
 from via_tunnel import cgroup, lifecycle, state
 from via_tunnel.settings import Settings
@@ -86,16 +86,18 @@ def _detach() -> None:
 def watch(settings: Settings, iface: str) -> None:
     """Keep the group of ``iface`` routed while it lives; tear it down once it is empty.
 
-    Two event sources, one poll: ``cgroup.events`` (POLLPRI on every change) and rtnetlink
-    link/address/route notifications, after which the routes are repaired (the kernel drops
-    them when the interface goes down or away; fail-closed meanwhile). Emptiness is
-    re-checked under the lock: a launcher may have joined between wake-up and lock.
+    One poll over ``cgroup.events`` (POLLPRI on every change) and netlink notifications of
+    what the group depends on: links, addresses, routes and ip rules (rtnetlink) and
+    nftables (someone ran ``nft flush ruleset``, a firewall reloaded). After any of those
+    the group is repaired (:func:`lifecycle.repair`: check first, re-add what is gone).
+    Emptiness is re-checked under the lock: a launcher may have joined between wake-up
+    and lock.
 
     A cold launch starts its watcher before it sets the group up, so the first look is
     taken under the lock too: it waits for the setup, and if the setup failed there is no
     group (and nothing to watch).
     """
-    events = _rtnl_events()
+    events = _event_sockets()
     try:
         with state.locked(settings):
             if state.load(settings, iface) is None:
@@ -111,18 +113,20 @@ def watch(settings: Settings, iface: str) -> None:
             except FileNotFoundError:
                 cg_fd = -1
             try:
-                poller = select.poll()
-                if cg_fd >= 0:
+                # Read before polling: kernfs reports POLLPRI at once on a file descriptor
+                # that has not yet read the current state (a busy loop otherwise).
+                if cg_fd >= 0 and cgroup.events_say_populated(os.read(cg_fd, 4096)):
+                    poller = select.poll()
                     poller.register(cg_fd, select.POLLPRI | select.POLLERR)
-                if events is not None:
-                    poller.register(events.fileno(), select.POLLIN)
-                ready = {fd for fd, _ in poller.poll()} if cgroup.populated(rec.cgroup) \
-                    else {cg_fd}
+                    for sock in events:
+                        poller.register(sock.fileno(), select.POLLIN)
+                    ready = {fd for fd, _ in poller.poll()}
+                else:
+                    ready = {cg_fd}
             finally:
                 if cg_fd >= 0:
                     os.close(cg_fd)
-            if events is not None and events.fileno() in ready:
-                _drain(events)
+            if _drain(events, ready):
                 try:
                     with state.locked(settings):
                         lifecycle.repair(settings, iface)
@@ -133,35 +137,50 @@ def watch(settings: Settings, iface: str) -> None:
                     if lifecycle.teardown_if_empty(settings, iface):
                         return
     finally:
-        if events is not None:
-            events.close()
+        for sock in events:
+            sock.close()
 
 
-def _rtnl_events() -> Any:
-    """An rtnetlink socket subscribed to link, address and route changes (or None)."""
-    try:
-        from via_tunnel.pyroute2_lazy import iproute_class
-
-        IPRoute = iproute_class()
-        from pyroute2.netlink.rtnl import (
-            RTMGRP_IPV4_IFADDR,
-            RTMGRP_IPV4_ROUTE,
-            RTMGRP_IPV6_IFADDR,
-            RTMGRP_IPV6_ROUTE,
-            RTMGRP_LINK,
-        )
-
-        ipr = IPRoute()
-        ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
-                 | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE)
-        return ipr
-    except Exception:  # without events the group still works; it only cannot self-repair
-        return None
+# rtnetlink multicast groups, as bind() bits (1 << (RTNLGRP_x - 1)): links, IPv4/IPv6
+# addresses, routes and rules.
+_RTNL_GROUPS = sum(1 << (g - 1) for g in (1, 5, 7, 8, 9, 11, 19))
+_NETLINK_NETFILTER = 12
+_NFNLGRP_NFTABLES = 7
 
 
-def _drain(events: Any) -> None:
-    """Read every pending notification (their content does not matter: we re-check)."""
-    poller = select.poll()
-    poller.register(events.fileno(), select.POLLIN)
-    while poller.poll(0):
-        events.get()
+def _event_sockets() -> list[socket.socket]:
+    """Netlink sockets that become readable when something the group relies on changes.
+
+    Raw sockets: the content of a notification does not matter (repair re-checks
+    everything), so nothing is parsed. Without them the group still works; it only
+    cannot repair itself.
+    """
+    sockets = []
+    for proto, groups in ((socket.NETLINK_ROUTE, _RTNL_GROUPS),
+                          (_NETLINK_NETFILTER, 1 << (_NFNLGRP_NFTABLES - 1))):
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
+                                 | socket.SOCK_NONBLOCK, proto)
+            sock.bind((0, groups))
+        except OSError:
+            continue
+        sockets.append(sock)
+    return sockets
+
+
+def _drain(events: list[socket.socket], ready: set[int]) -> bool:
+    """Read every pending notification; True if there was any."""
+    woke = False
+    for sock in events:
+        if sock.fileno() not in ready:
+            continue
+        woke = True
+        while True:
+            try:
+                if not sock.recv(65536):
+                    break
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: notifications were lost; a repair covers them all
+                continue
+    return woke
