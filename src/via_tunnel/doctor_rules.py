@@ -5,7 +5,8 @@ lookup 0x76740000+slot`` for slots 1..127. A foreign rule can hurt us, or we it,
 checked in this order (a rule gets at most one finding, the most serious):
 
 1. it uses one of our tables: a group in that slot shares it, and its teardown flushes it;
-2. its fwmark selects marks we use: their packets get routed by our rules, or ours by theirs;
+2. its fwmark selects marks in our bits (bit 31, or bits that equal one of our marks): our
+   nft rules take their packets for a group's, our rules route them, or theirs route ours;
 3. it sits at our priority: rules of one priority are tried in insertion order, so one that
    matches our marks may take a group's packets first;
 4. it comes before ours and matches every packet of a group (no selector, or an inverted
@@ -23,6 +24,7 @@ from typing import Any
 
 from via_tunnel.doctor import FAIL, OK, WARN, Check
 from via_tunnel.settings import (
+    MARK_FLAG,
     MARK_MASK,
     MAX_SLOT,
     RULE_PRIORITY,
@@ -163,11 +165,13 @@ def finding(rule: IpRule) -> Check | None:
             "move that rule and its routes to a table outside "
             f"0x{OUR_TABLES[0]:x}-0x{OUR_TABLES[-1]:x}")
     if (rule.fwmark is not None and not rule.invert and rule.fwmask & MARK_MASK
-            and matched_marks(rule)):
+            and (rule.fwmark & rule.fwmask & MARK_FLAG or matched_marks(rule))):
         return Check(
             "ip-rules:marks", FAIL,
-            f"'{desc}' selects marks via-tunnel uses ({FOOTPRINT}): packets of that program "
-            f"can be routed by a group's rules, and a group's by this rule",
+            f"'{desc}' selects marks in the bits via-tunnel uses ({FOOTPRINT}): via-tunnel's "
+            f"nft rules take any packet with bit 31 for a group's (its kill switch drops it "
+            f"outside the group's interface), a group's rules can route that program's "
+            f"packets, and this rule a group's",
             "give that program marks with bit 31 clear (every via-tunnel mark has it set)")
     if rule.priority == RULE_PRIORITY:
         if rule.action in _DECIDING and matched_marks(rule):

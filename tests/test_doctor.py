@@ -1,0 +1,291 @@
+"""Doctor's pure parts, without root: rules against our footprint, verdicts, the report."""
+
+from __future__ import annotations
+
+import io
+import json
+from socket import AF_INET, AF_INET6
+
+import pytest
+
+from via_tunnel import doctor
+from via_tunnel.doctor import FAIL, OK, WARN, Check
+from via_tunnel.doctor_checks import (
+    cgroup2_verdict,
+    networkd_settings,
+    networkd_verdict,
+    probe_verdict,
+    rp_filter_verdict,
+)
+from via_tunnel.doctor_iface import facts_verdicts
+from via_tunnel.doctor_rules import (
+    FR_ACT_BLACKHOLE,
+    IpRule,
+    classify,
+    finding,
+    matched_marks,
+    our_slot,
+)
+from via_tunnel.errors import ViaTunnelError
+from via_tunnel.plan import LinkFacts
+from via_tunnel.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
+
+LOCAL = IpRule(priority=0, table=255)
+MAIN = IpRule(priority=32766, table=254)
+DEFAULT = IpRule(priority=32767, table=253)
+KERNEL = [LOCAL, MAIN, DEFAULT]
+
+
+def ours(slot: int, family: int = AF_INET) -> IpRule:
+    return IpRule(family=family, priority=RULE_PRIORITY, fwmark=mark_for_slot(slot),
+                  fwmask=MARK_MASK, table=table_for_slot(slot))
+
+
+def statuses(checks: list[Check]) -> dict[str, str]:
+    return {c.name: c.status for c in checks}
+
+
+# ---------------------------------------------------------------- rules: our own
+
+
+def test_our_rules_are_recognised_and_not_findings() -> None:
+    for slot in (1, 5, 127):
+        for fam in (AF_INET, AF_INET6):
+            assert our_slot(ours(slot, fam)) == slot
+            assert finding(ours(slot, fam)) is None
+    checks = classify([*KERNEL, ours(1), ours(1, AF_INET6)])
+    assert [(c.name, c.status) for c in checks] == [("ip-rules", OK)]
+    assert "5 rules checked" in checks[0].detail
+
+
+def test_a_rule_of_our_form_with_a_wrong_mark_is_not_ours() -> None:
+    odd = IpRule(priority=RULE_PRIORITY, fwmark=mark_for_slot(2), fwmask=MARK_MASK,
+                 table=table_for_slot(3))
+    assert our_slot(odd) is None
+    found = finding(odd)
+    assert found is not None and found.name == "ip-rules:table" and found.status == FAIL
+
+
+# ---------------------------------------------------------------- rules: collisions
+
+
+def test_foreign_rule_at_our_priority_that_matches_our_marks_fails() -> None:
+    found = finding(IpRule(priority=RULE_PRIORITY, table=100))
+    assert found is not None and (found.name, found.status) == ("ip-rules:priority", FAIL)
+    assert "5100" in found.detail and "lookup 100" in found.detail and found.fix
+
+
+def test_foreign_rule_at_our_priority_that_cannot_match_our_marks_warns() -> None:
+    found = finding(IpRule(priority=RULE_PRIORITY, fwmark=0x1, fwmask=0x1, table=100))
+    assert found is not None and (found.name, found.status) == ("ip-rules:priority", WARN)
+
+
+def test_foreign_rule_using_our_table_fails() -> None:
+    found = finding(IpRule(priority=6000, fwmark=0x1, table=table_for_slot(5)))
+    assert found is not None and (found.name, found.status) == ("ip-rules:table", FAIL)
+    assert "0x76740005" in found.detail and "slot 5" in found.detail
+
+
+@pytest.mark.parametrize(("mark", "mask"), [
+    (0x8000_0000, 0xFF00_0000),  # bit 31 under our mask: their marks look like ours in nft
+    (0x8100_0000, 0xFF00_0000),  # exactly slot 1's mark
+    (0x8000_0000, 0x8000_0000),
+    (0x0100_0000, 0x0100_0000),  # matches every odd slot
+])
+def test_fwmark_overlapping_our_mark_bits_fails(mark: int, mask: int) -> None:
+    rule = IpRule(priority=5230, fwmark=mark, fwmask=mask, table=52)
+    found = finding(rule)
+    assert found is not None and (found.name, found.status) == ("ip-rules:marks", FAIL)
+    assert f"0x{mark:x}/0x{mask:x}" in found.detail
+
+
+def test_catch_all_rule_before_ours_warns_and_specific_ones_do_not() -> None:
+    found = finding(IpRule(priority=1000, table=100))
+    assert found is not None and (found.name, found.status) == ("ip-rules:before", WARN)
+    found = finding(IpRule(priority=1000, action=FR_ACT_BLACKHOLE))
+    assert found is not None and "dropped" in found.detail
+    assert finding(IpRule(priority=1000, table=100, src="10.0.0.0/8")) is None
+    assert finding(IpRule(priority=1000, table=100, iif="eth0")) is None
+    assert finding(IpRule(priority=1000, table=100, iif="lo")) is not None
+    assert finding(IpRule(priority=1000, table=100, fwmark=0x1)) is None  # not our marks
+    assert finding(LOCAL) is None  # the kernel's own local-table rule
+
+
+def test_matched_marks_honours_invert() -> None:
+    wg = IpRule(priority=32764, fwmark=0xCA6C, table=0xCA6C, invert=True)
+    assert len(matched_marks(wg)) == 127
+    assert matched_marks(IpRule(fwmark=0xCA6C)) == []
+    assert matched_marks(IpRule(fwmark=mark_for_slot(3), fwmask=MARK_MASK)) == [mark_for_slot(3)]
+
+
+# ---------------------------------------------------------------- rules: neighbours
+
+TAILSCALE = [
+    IpRule(priority=5210, fwmark=0x80000, fwmask=0xFF0000, table=254),
+    IpRule(priority=5230, fwmark=0x80000, fwmask=0xFF0000, table=253),
+    IpRule(priority=5250, table=0, action=7),  # unreachable
+    IpRule(priority=5270, table=52),
+]
+WG_QUICK = [
+    IpRule(priority=32764, table=254, suppress_prefixlen=0),
+    IpRule(priority=32765, fwmark=0xCA6C, table=0xCA6C, invert=True),
+]
+MULLVAD = [IpRule(priority=32760, fwmark=0x6D6F6C65, table=0x6D6F6C65, invert=True)]
+
+
+def test_known_neighbours_coexist_with_an_explanation() -> None:
+    checks = classify([*KERNEL, *TAILSCALE, *WG_QUICK, *MULLVAD, ours(1)])
+    assert statuses(checks) == {"ip-rules": OK, "neighbour:tailscale": OK,
+                                "neighbour:wg-quick": OK, "neighbour:mullvad": OK}
+    wg = next(c for c in checks if c.name == "neighbour:wg-quick")
+    assert "bypass" in wg.detail and "not from all fwmark 0xca6c lookup 51820" in wg.detail
+
+
+def test_wg_quick_placed_before_ours_warns() -> None:
+    early = [IpRule(priority=5000, table=254, suppress_prefixlen=0),
+             IpRule(priority=5001, fwmark=0xCA6C, table=0xCA6C, invert=True)]
+    checks = classify([*KERNEL, *early])
+    assert [c.name for c in checks] == ["ip-rules:before", "ip-rules:before"]
+    assert all(c.status == WARN for c in checks)
+
+
+def test_from_netlink_reads_a_kernel_dump() -> None:
+    # As pyroute2 gives them (fields of the message, attributes by name).
+    wg = IpRule.from_netlink(AF_INET, {"table": 252, "action": 1, "flags": 2, "src_len": 0},
+                             {"FRA_TABLE": 51820, "FRA_SUPPRESS_PREFIXLEN": 0xFFFFFFFF,
+                              "FRA_PRIORITY": 32000, "FRA_FWMARK": 51820,
+                              "FRA_FWMASK": 0xFFFFFFFF})
+    assert (wg.table, wg.priority, wg.fwmark, wg.invert, wg.suppress_prefixlen) == \
+        (51820, 32000, 51820, True, None)
+    local = IpRule.from_netlink(AF_INET, {"table": 255, "action": 1, "flags": 0},
+                                {"FRA_TABLE": 255, "FRA_SUPPRESS_PREFIXLEN": 0xFFFFFFFF})
+    assert (local.priority, local.fwmark, local.table) == (0, None, 255)
+    v6 = IpRule.from_netlink(AF_INET6, {"table": 0, "action": 6, "src_len": 64},
+                             {"FRA_PRIORITY": 7, "FRA_SRC": "2001:db8::", "FRA_IIFNAME": "lo"})
+    assert v6.describe() == "ip -6 rule 7: from 2001:db8::/64 iif lo blackhole"
+    ts = IpRule.from_netlink(AF_INET, {"table": 52},
+                             {"FRA_PRIORITY": 5210, "FRA_FWMARK": 0x80000, "FRA_FWMASK": 0xFF0000,
+                              "FRA_TABLE": 254})
+    assert ts.describe() == "ip rule 5210: from all fwmark 0x80000/0xff0000 lookup 254"
+
+
+# ---------------------------------------------------------------- other verdicts
+
+PURE_V2 = ["24 1 0:21 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw"]
+HYBRID = [
+    "25 1 0:22 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755",
+    "26 25 0:23 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw",
+    "27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu",
+]
+
+
+def test_cgroup2_verdicts() -> None:
+    c = cgroup2_verdict(PURE_V2)
+    assert c.status == OK and "/sys/fs/cgroup," in c.detail and "pure v2" in c.detail
+    c = cgroup2_verdict(HYBRID)
+    assert c.status == OK and "/sys/fs/cgroup/unified" in c.detail and "hybrid" in c.detail
+    c = cgroup2_verdict(HYBRID[:1])
+    assert c.status == FAIL and c.fix and "mount" in c.fix
+    c = cgroup2_verdict(["30 1 0:25 / /mnt/cg rw - cgroup2 cgroup2 rw"])
+    assert c.status == FAIL and "outside /sys/fs/cgroup" in c.detail
+
+
+def test_probe_verdicts() -> None:
+    abort = "Error: Could not process rule: No such file or directory\ndelete table ...\n"
+    assert probe_verdict("nat", -1, abort).status == OK
+    refused = "Error: Could not process rule: Operation not supported\nadd rule ...\n"
+    c = probe_verdict("socket-cgroupv2", -1, refused + abort)
+    assert c.status == FAIL and "Operation not supported" in c.detail
+    assert probe_verdict("nat", -1, "Error: syntax error, unexpected foo\n").status == FAIL
+    assert probe_verdict("nat", 0, "").status == FAIL  # never success without the abort
+    c = probe_verdict("nat", -1, "Error: Could not process rule: Operation not permitted\n")
+    assert c.status == WARN
+
+
+def test_rp_filter_verdicts() -> None:
+    assert rp_filter_verdict("rp", 0, 0, 3, "x").status == OK
+    assert rp_filter_verdict("rp", 2, 0, 3, "x").status == OK
+    assert rp_filter_verdict("rp", 1, 1, 3, "x").status == OK
+    idle = rp_filter_verdict("rp", 1, 0, 0, "x")
+    assert idle.status == OK and "src_valid_mark=1 while a group" in idle.detail
+    broken = rp_filter_verdict("rp", 1, 0, 2, "x")
+    assert broken.status == FAIL and broken.fix == \
+        "sysctl -w net.ipv4.conf.all.src_valid_mark=1"
+
+
+def test_networkd_settings_last_assignment_wins_and_sections_count() -> None:
+    values = networkd_settings([
+        "[Network]\nManageForeignRoutingPolicyRules=yes\n#ManageForeignRoutes=no\n",
+        "[DHCPv4]\nManageForeignRoutes=no\n",
+        "[Network]\n ManageForeignRoutingPolicyRules = no \n",
+    ])
+    assert values == {"ManageForeignRoutingPolicyRules": "no"}
+
+
+def test_networkd_verdicts() -> None:
+    assert networkd_verdict(False, False, {}, []).status == OK
+    c = networkd_verdict(True, False, {"ManageForeignRoutingPolicyRules": "no"}, ["f"])
+    assert c.status == WARN and "ManageForeignRoutes=yes (default)" in c.detail
+    assert c.fix and "ManageForeignRoutes=no" in c.fix
+    assert "ManageForeignRoutingPolicyRules" not in c.fix
+    ok = {"ManageForeignRoutingPolicyRules": "false", "ManageForeignRoutes": "0"}
+    assert networkd_verdict(False, True, ok, ["f"]).status == OK
+
+
+def _facts(**kw: object) -> LinkFacts:
+    base: dict[str, object] = {"name": "tun0", "index": 7, "up": True, "pointopoint": True,
+                               "ipv4": ("192.0.2.50/32",)}
+    base.update(kw)
+    return LinkFacts(**base)  # type: ignore[arg-type]
+
+
+def test_interface_verdicts() -> None:
+    assert {c.status for c in facts_verdicts(_facts(), 1500)} == {OK}
+    got = statuses(facts_verdicts(_facts(up=False, ipv4=()), 1500))
+    assert got["iface:up"] == FAIL and got["iface:ipv4"] == FAIL
+    got = statuses(facts_verdicts(_facts(pointopoint=False), 1200))
+    assert got["iface:nexthop"] == WARN and got["iface:mtu"] == WARN
+    assert statuses(facts_verdicts(_facts(pointopoint=False, gateway4="192.0.2.1"), None))[
+        "iface:nexthop"] == OK
+
+
+# ---------------------------------------------------------------- framework
+
+
+def test_guarded_turns_errors_into_lines() -> None:
+    def boom() -> list[Check]:
+        raise ViaTunnelError("cannot read x")
+
+    def bug() -> list[Check]:
+        raise KeyError("k")
+
+    assert [(c.status, c.detail) for c in doctor.guarded("a", boom)] == [(FAIL, "cannot read x")]
+    [c] = doctor.guarded("b", bug)
+    assert c.status == FAIL and "KeyError" in c.detail
+
+
+def test_report_shapes_and_exit_code() -> None:
+    checks = [Check("a", OK, "fine"), Check("b", WARN, "hmm", "do x")]
+    text = io.StringIO()
+    doctor.render_text(checks, text)
+    assert text.getvalue().splitlines() == ["OK    a: fine", "WARN  b: hmm  -- fix: do x"]
+    assert doctor.exit_code(checks) == 0
+    checks.append(Check("c", FAIL, "bad", "fix it"))
+    out = io.StringIO()
+    doctor.render_json(checks, out)
+    data = json.loads(out.getvalue())
+    assert data["version"] == 1 and data["ok"] is False
+    assert data["checks"][0] == {"name": "a", "status": "ok", "detail": "fine", "fix": None}
+    assert doctor.exit_code(checks) == 1
+    with pytest.raises(ValueError):
+        Check("x", "bad", "y")
+
+
+def test_doctor_module_does_not_import_typer() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, via_tunnel.doctor; print('typer' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
