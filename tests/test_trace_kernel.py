@@ -1,0 +1,217 @@
+"""`via-tunnel trace`: what it prints is checked against independent observers (what the far
+end saw, `ip -j addr`, the kill switch's own nft counter), and what it adds to the kernel is
+gone after every kind of exit (`nft -j list ruleset`, the namespace's NFLOG listeners)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import CaptureElsewhere, via, via_popen, wait_for
+
+from via_tunnel.lab import Lab
+
+pytestmark = pytest.mark.kernel
+
+SERVER = re.escape(Lab.SERVER)
+
+
+class Trace:
+    """A running `via-tunnel trace ARGS` in the client namespace, its output read in threads."""
+
+    def __init__(self, lab: Lab, env: dict[str, str], *args: str) -> None:
+        self.proc = via_popen(lab, env, "trace", *args)
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: list[str] = []
+        self.seen: list[str] = []
+        started = threading.Event()
+
+        def pump(stream: Any, sink: Any) -> None:
+            for line in stream:
+                sink(line.rstrip("\n"))
+                if "via-tunnel: tracing" in line:
+                    started.set()
+            started.set()  # EOF: it ended before tracing (the test says why)
+
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for stream, sink in ((self.proc.stdout, self.out.put), (self.proc.stderr,
+                                                                  self.err.append)):
+            threading.Thread(target=pump, args=(stream, sink), daemon=True).start()
+        assert started.wait(10) and self.proc.poll() is None, f"trace did not start: {self.err}"
+
+    def expect(self, pattern: str, timeout: float = 5) -> re.Match[str]:
+        """The first output line (from now on) that matches ``pattern``; fail after
+        ``timeout`` seconds, showing what was printed."""
+        rx = re.compile(pattern)
+        while True:
+            try:
+                line = self.out.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line like {pattern!r}; printed: {self.seen}, "
+                                     f"stderr: {self.err}") from None
+            self.seen.append(line)
+            match = rx.search(line)
+            if match:
+                return match
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=10)
+
+
+def trace_tables(lab: Lab) -> list[str]:
+    ruleset = json.loads(lab.run(lab.client, ["nft", "-j", "list", "ruleset"]).stdout)
+    return [o["table"]["name"] for o in ruleset["nftables"]
+            if "table" in o and o["table"]["name"].startswith("via_tunnel_trace")]
+
+
+def nflog_listeners(lab: Lab) -> str:
+    """The NFLOG groups bound in the client namespace (the kernel's own list)."""
+    return lab.run(lab.client, ["cat", "/proc/net/netfilter/nfnetlink_log"]).stdout.strip()
+
+
+def kill_switch_drops(lab: Lab) -> int:
+    """Packets counted by the kill switch's drop rule in via-tunnel's postrouting chain."""
+    out = lab.run(lab.client, ["nft", "-j", "list", "chain", "inet", "via_tunnel",
+                               "postrouting"]).stdout
+    for obj in json.loads(out)["nftables"]:
+        exprs = obj.get("rule", {}).get("expr", [])
+        if any("drop" in e for e in exprs) and not any("match" in e for e in exprs):
+            return sum(e["counter"]["packets"] for e in exprs if "counter" in e)
+    raise AssertionError("no kill-switch drop rule found")
+
+
+def addresses(lab: Lab, dev: str | None = None) -> set[str]:
+    args = ["addr", "show"] + (["dev", dev] if dev else [])
+    return {a["local"] for link in lab.ip_json(lab.client, *args)
+            for a in link.get("addr_info", [])}
+
+
+@pytest.fixture
+def holder(lab: Lab, vt_env: dict[str, str]) -> Iterator[subprocess.Popen[Any]]:
+    """An active tun0 group (a sleeping member); afterwards the group and everything of
+    trace is gone again."""
+    before = lab.snapshot(lab.client)["nft"]
+    proc = via_popen(lab, vt_env, "tun0", "--", "sleep", "120")
+    wait_for(lambda: "tun0" in via(lab, vt_env, "status").stdout, what="tun0 group")
+    yield proc
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: lab.snapshot(lab.client)["nft"] == before, timeout=5,
+             what="nft ruleset as before")
+    assert nflog_listeners(lab) == ""
+
+
+def test_new_connection_names_program_destination_interface_and_source(
+        lab: Lab, vt_env: dict[str, str], holder: subprocess.Popen[Any]) -> None:
+    trace = Trace(lab, vt_env, "tun0")
+    try:
+        client = via_popen(lab, vt_env, "tun0", "--", "socat", "-t", "0.2", "-",
+                           f"TCP:{Lab.SERVER}:{Lab.HTTP_PORT}", stdin=subprocess.PIPE)
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write("GET / HTTP/1.0\r\n\r\n")
+        client.stdin.flush()
+        far_end_saw = client.stdout.read().strip().splitlines()[-1]
+        client.stdin.close()
+        assert client.wait(timeout=5) == 0
+        line = trace.expect(rf"  pid {client.pid} socat  tcp (\S+):(\d+) -> {SERVER}:80  "
+                            rf"via (\S+) from (\S+)$")
+        local, _port, via_dev, source = line.groups()
+        assert via_dev == "tun0"
+        assert source == far_end_saw == Lab.CLIENT_TUN
+        assert source in addresses(lab, "tun0")
+        assert local in addresses(lab)  # the program's own address, before masquerade
+    finally:
+        assert trace.stop() == 0
+    assert trace_tables(lab) == []
+
+
+def test_kill_switch_drop_is_shown(lab: Lab, vt_env: dict[str, str],
+                                   holder: subprocess.Popen[Any]) -> None:
+    """A policy rule that sends the server's traffic around the tunnel (as a careless
+    neighbour might) makes the kill switch drop the group's packets to it."""
+    trace = Trace(lab, vt_env, "tun0")
+    rule = ["priority", "100", "to", Lab.SERVER, "lookup", "main"]
+    lab.run(lab.client, ["ip", "rule", "add", *rule])
+    try:
+        drops = kill_switch_drops(lab)
+        with CaptureElsewhere(lab, "tun0", f"host {Lab.SERVER}") as elsewhere:
+            # TCP: connect() keeps retrying, so the program is still there to be named. (A
+            # UDP sendto fails at once with EPERM; a program that exits on it can be gone
+            # before trace looks, and is shown as "pid ?".)
+            sender = via_popen(lab, vt_env, "tun0", "--", *lab.fetch_argv(timeout=1.5))
+            line = trace.expect(rf"  DROPPED by kill switch  pid {sender.pid} curl  "
+                                rf"tcp (\S+):\d+ -> {SERVER}:80  \(would leave by (\S+)\)$")
+            assert sender.wait(timeout=10) != 0  # no answer: nothing got through
+        assert line.group(2) == "eth0"
+        assert kill_switch_drops(lab) > drops  # the kill switch itself counted it
+        assert elsewhere.packets() == {}
+    finally:
+        lab.run(lab.client, ["ip", "rule", "del", *rule])
+        assert trace.stop() == 0
+    assert trace_tables(lab) == []
+
+
+def test_sigterm_and_sigkill_leave_nothing_and_a_stale_table_is_swept(
+        lab: Lab, vt_env: dict[str, str], holder: subprocess.Popen[Any]) -> None:
+    trace = Trace(lab, vt_env, "tun0")
+    assert trace_tables(lab) == ["via_tunnel_trace"] and nflog_listeners(lab) != ""
+    second = via(lab, vt_env, "trace", "tun0", check=False)
+    assert second.returncode == 125 and "another via-tunnel trace" in second.stderr
+    assert trace.stop(signal.SIGTERM) == 0
+    assert trace_tables(lab) == [] and nflog_listeners(lab) == ""
+
+    trace = Trace(lab, vt_env, "tun0")
+    trace.stop(signal.SIGKILL)  # no cleanup of its own: the kernel removes the owned table
+    wait_for(lambda: trace_tables(lab) == [], what="owned table removed with its owner")
+
+    # A table nobody owns (as an older trace could leave) is swept at the next start.
+    lab.run(lab.client, ["nft", "add", "table", "inet", "via_tunnel_trace"])
+    trace = Trace(lab, vt_env, "tun0")
+    assert trace.stop() == 0
+    assert trace_tables(lab) == []
+
+
+def test_trace_with_cmd_sees_its_first_connection_and_returns_its_status(
+        lab: Lab, vt_env: dict[str, str]) -> None:
+    before = lab.snapshot(lab.client)["nft"]
+    r = via(lab, vt_env, "trace", "tun0", "--", *lab.fetch_argv())
+    lines = r.stdout.splitlines()
+    assert Lab.CLIENT_TUN in lines  # CMD's own output: what the far end saw
+    # No group existed: CMD's very first packet is already traced.
+    assert any(re.search(rf"  tcp \S+ -> {SERVER}:80  via tun0 from "
+                         rf"{re.escape(Lab.CLIENT_TUN)}$", ln) for ln in lines), r.stdout
+    assert via(lab, vt_env, "trace", "tun0", "--", "sh", "-c", "exit 7",
+               check=False).returncode == 7
+    r = via(lab, vt_env, "trace", "tun0", "--", "no-such-program-x", check=False)
+    assert r.returncode == 127 and "command not found" in r.stderr
+    wait_for(lambda: lab.snapshot(lab.client)["nft"] == before, timeout=5,
+             what="nft ruleset as before")
+    assert nflog_listeners(lab) == ""
+
+
+def test_clear_errors(lab: Lab, vt_env: dict[str, str]) -> None:
+    r = via(lab, vt_env, "trace", "nosuch0", check=False)
+    assert (r.returncode, r.stderr) == (125, "via-tunnel: no such interface nosuch0\n")
+    r = via(lab, vt_env, "trace", "vlan3", check=False)
+    assert r.returncode == 125
+    assert r.stderr.startswith("via-tunnel: no active group for vlan3; start one with")
+    assert "-- CMD" in r.stderr and "Traceback" not in r.stderr
+    r = lab.run(lab.client, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             *via_argv_tail(), "trace", "tun0"], env=vt_env, check=False)
+    assert r.returncode == 125 and "trace needs root" in r.stderr
+    assert trace_tables(lab) == []
+
+
+def via_argv_tail() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "via_tunnel"]
