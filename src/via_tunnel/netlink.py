@@ -171,7 +171,7 @@ def our_rules_and_tables(
                        msg.get_attr("FRA_TABLE") or msg["table"])
                 if key in wanted:
                     found_rules.append(wanted[key])
-            for r in ipr.get_routes(family=family, table=0):
+            for r in ipr.get_routes(family=family):  # every table (table=0 matched none)
                 t = _table(r)
                 if t in table_set:
                     found_tables.add(t)
