@@ -21,6 +21,15 @@ from via_tunnel.lab import Lab
 pytestmark = pytest.mark.kernel
 
 SERVER = re.escape(Lab.SERVER)
+_running: list[Trace] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_trace_outlives_its_test() -> Iterator[None]:
+    """A failed assertion must not leave a trace running into the next test."""
+    yield
+    while _running:
+        _running.pop().stop(signal.SIGKILL)
 
 
 class Trace:
@@ -28,6 +37,7 @@ class Trace:
 
     def __init__(self, lab: Lab, env: dict[str, str], *args: str) -> None:
         self.proc = via_popen(lab, env, "trace", *args)
+        _running.append(self)
         self.out: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
         self.seen: list[str] = []
@@ -215,3 +225,12 @@ def via_argv_tail() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "via_tunnel"]
+
+
+def test_ipv6_connection_through_vlan3(lab: Lab, vt_env: dict[str, str]) -> None:
+    r = via(lab, vt_env, "trace", "vlan3", "--", *lab.fetch_argv(ipv6=True))
+    lines = r.stdout.splitlines()
+    assert Lab.CLIENT_VETH6 in lines  # what the far end saw
+    server6, src6 = re.escape(Lab.SERVER6), re.escape(Lab.CLIENT_VETH6)
+    assert any(re.search(rf"  tcp \[\S+\]:\d+ -> \[{server6}\]:80  via vlan3 from {src6}$", ln)
+               for ln in lines), r.stdout
