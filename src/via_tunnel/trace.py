@@ -185,6 +185,8 @@ class Tracer:
     def launch(self, path: str, cmd: list[str]) -> subprocess.Popen[bytes] | int:
         """Start CMD in the group through the launcher; the Popen once CMD is about to run,
         or the launcher's exit status when it failed (it has said why on stderr)."""
+        if self.stopping:  # Ctrl-C before CMD started: do not start it
+            return 130
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "via_tunnel", self.iface, "--",
                 sys.executable, "-I", "-c", _GATE, str(theirs.fileno()), path, *cmd]
