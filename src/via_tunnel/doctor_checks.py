@@ -93,9 +93,12 @@ def check_nft_binding() -> list[Check]:
     except Exception as exc:  # undefined symbol, missing .so: a binding of another version
         return [Check("nft-binding", FAIL, f"the binding at {where} cannot use the installed "
                                            f"libnftables: {exc}", BINDING_FIX)]
+    if not _root():  # libnftables would print "you must be root" on our stderr
+        return [Check("nft-binding", WARN, f"binding at {where} loads libnftables; talking "
+                                           f"to the kernel needs root", NEEDS_ROOT)]
     rc, out, err = ctx.cmd("list tables")
     if rc != 0:
-        if not _root() or "Operation not permitted" in err:
+        if "Operation not permitted" in err:
             return [Check("nft-binding", WARN, f"binding at {where} loads libnftables; talking "
                                                f"to the kernel needs root", NEEDS_ROOT)]
         return [Check("nft-binding", FAIL, f"libnftables cannot talk to the kernel: "
