@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 from via_tunnel import cgroup, lifecycle, state
 from via_tunnel.settings import Settings
@@ -52,7 +53,10 @@ def _run(settings: Settings, iface: str, ready_fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())  # for `status` and for tests
-        os.write(ready_fd, b"1")  # the launcher may go on: the watch lock is held
+        # The launcher may go on: the watch lock is held. If it was killed meanwhile (EPIPE),
+        # watch all the same: whatever it set up before dying is ours to remove.
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"1")
         os.close(ready_fd)
         _detach()  # after "ready": moving between cgroups costs ~10 ms (RCU grace period)
         watch(settings, iface)
@@ -101,8 +105,7 @@ def watch(settings: Settings, iface: str) -> None:
     try:
         with state.locked(settings):
             if state.load(settings, iface) is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(state.watcher_lock_path(settings, iface))
+                _remove_unrecorded(settings, iface)
                 return
         while True:
             rec = state.load(settings, iface)
@@ -139,6 +142,28 @@ def watch(settings: Settings, iface: str) -> None:
     finally:
         for sock in events:
             sock.close()
+
+
+def _remove_unrecorded(settings: Settings, iface: str) -> None:
+    """No record under the lock: the launcher's setup failed or it was killed before it
+    wrote one. A cold launcher makes the cgroup before the record (early_join.py), so a
+    kill in between leaves an empty cgroup nobody else would remove until `cleanup`:
+    remove it, and our subtree if no group is left. Caller holds the lock.
+
+    Nobody can join such a cgroup (joins happen under the lock, into recorded groups), so a
+    process still in it is the dead launcher: a dying process releases its lock before it
+    leaves its cgroup. Wait for that, briefly."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.watcher_lock_path(settings, iface))
+    with contextlib.suppress(Exception):
+        path = lifecycle.group_path(settings, cgroup.cgroup2_mount(), iface)
+        deadline = time.monotonic() + 2
+        while cgroup.populated(path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if os.path.isdir(path) and not cgroup.populated(path):
+            cgroup.remove(path)
+            if not state.load_all(settings):
+                os.rmdir(os.path.dirname(path))
 
 
 # rtnetlink multicast groups, as bind() bits (1 << (RTNLGRP_x - 1)): links, IPv4/IPv6
