@@ -41,13 +41,21 @@ def version() -> None:
     print(__version__)
 
 
+STATUS_FORMAT = 1  # bumped only when a key of `status --json` changes meaning or goes away
+
+
 def _group_info() -> list[dict[str, object]]:
-    from via_tunnel import cgroup, state
+    """The active groups as `status --json` prints them (the shape is documented in the
+    README and the man page: keys are only ever added)."""
+    from via_tunnel import cgroup, nft, state
     from via_tunnel.settings import Settings
 
     settings = Settings.from_env()
+    records = state.load_all(settings)
+    sent = nft.group_counters("tx") if records else {}
+    received = nft.group_counters("rx") if records else {}
     out = []
-    for rec in state.load_all(settings):
+    for rec in records:
         members = []
         for pid in cgroup.members(rec.cgroup):
             try:
@@ -56,22 +64,55 @@ def _group_info() -> list[dict[str, object]]:
             except OSError:
                 continue
             members.append({"pid": pid, "command": cmd})
+        key = (rec.mark, rec.iface)
         out.append({
             "interface": rec.iface, "since": rec.created, "mark": f"0x{rec.mark:08x}",
             "table": rec.table, "cgroup": rec.cgroup, "gateway": rec.gateway4,
-            "ipv6": rec.ipv6, "watcher": state.watcher_pid(settings, rec.iface),
+            "ipv6": rec.ipv6, "dns": [a for a in (rec.dns4, rec.dns6) if a],
+            "watcher": state.watcher_pid(settings, rec.iface), "ready": rec.ready,
+            "link": _link_info(rec.iface),
+            "counters": {
+                "sent": _counter(sent.get(key)), "received": _counter(received.get(key)),
+            } if key in sent or key in received else None,
             "members": members,
         })
     return out
 
 
+def _counter(value: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if value is None else {"packets": value[0], "bytes": value[1]}
+
+
+def _link_info(iface: str) -> dict[str, object]:
+    """The interface's state as the kernel has it: up/down/absent, MTU, addresses."""
+    from via_tunnel import netlink
+    from via_tunnel.errors import ViaTunnelError
+
+    try:
+        facts = netlink.link_facts(iface)
+    except ViaTunnelError:
+        return {"state": "absent", "mtu": None, "addresses": []}
+    return {"state": "up" if facts.up else "down", "mtu": facts.mtu,
+            "addresses": [*facts.ipv4, *facts.ipv6_global]}
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # not reached
+
+
 @app.command()
 def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False
            ) -> None:
-    """List the active groups: interface, member PIDs and commands, since when."""
+    """List the active groups: interface and its state, traffic counters, member PIDs and
+    commands, since when."""
     groups = _group_info()
     if json_out:
-        json.dump({"groups": groups}, sys.stdout, indent=2)
+        json.dump({"format": STATUS_FORMAT, "groups": groups}, sys.stdout, indent=2)
         print()
         return
     if not groups:
@@ -81,6 +122,18 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(g["since"])))  # type: ignore[arg-type]
         extra = "" if g["watcher"] else "  (no watcher: `via-tunnel cleanup` after it empties)"
         print(f"{g['interface']}  since {since}  table {g['table']}  mark {g['mark']}{extra}")
+        link = g["link"]
+        assert isinstance(link, dict)
+        addrs = ", ".join(link["addresses"]) or "no address"
+        print(f"  link {link['state']}  mtu {link['mtu']}  {addrs}")
+        counters = g["counters"]
+        if isinstance(counters, dict):
+            print("  " + "   ".join(
+                f"{label} {c['packets']} pkts {_human_bytes(c['bytes'])}"
+                for label, c in (("sent", counters["sent"]), ("received", counters["received"]))
+                if c is not None))
+        else:
+            print("  counters missing (the nft table is being repaired or was removed)")
         for m in g["members"]:  # type: ignore[attr-defined]
             print(f"  {m['pid']:>7}  {m['command']}")
 

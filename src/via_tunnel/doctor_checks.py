@@ -427,7 +427,7 @@ def check_leftovers() -> list[Check]:
     if _root():
         from via_tunnel import nft
 
-        if not records and nft.list_table() is not None:
+        if not records and nft.table_exists():
             out.append(Check("leftovers", WARN, "nft table inet via_tunnel exists but no group "
                                                 "is recorded", CLEANUP))
     else:

@@ -25,6 +25,7 @@ from via_tunnel import cgroup, state, sysctl
 from via_tunnel.errors import KernelError, ViaTunnelError
 from via_tunnel.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements, group_rules
 from via_tunnel.settings import (
+    MARK_MASK,
     MAX_SLOT,
     NFT_FAMILY,
     NFT_TABLE,
@@ -142,8 +143,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         state.save(settings, rec)
     kill_sockets(rec.cgroup)
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
-    objects = nft.list_table()
-    if objects is not None:
+    if nft.table_exists():
         if not others:
             nft.run_json([nft.delete_table_command()])
         else:
@@ -205,7 +205,8 @@ def repair(settings: Settings, iface: str) -> bool:
     rec = state.load(settings, iface)
     if rec is None or not rec.ready:  # a group being torn down is not brought back
         return False
-    reattach_nft(settings)
+    for reattached in reattach_nft(settings):
+        _reset_flows(reattached)
     try:
         facts = netlink.link_facts(iface)
         plan = plan_group(facts, slot=rec.slot, level=rec.level,
@@ -221,39 +222,65 @@ def repair(settings: Settings, iface: str) -> bool:
     return True
 
 
-def reattach_nft(settings: Settings) -> bool:
-    """Make our nft table whole again for every ready group; True if anything was missing.
+def _reset_flows(rec: GroupRecord) -> None:
+    """After our table came back: drop the conntrack entries of the group's flows that
+    started without it (they escaped masquerade; see flows.py)."""
+    from via_tunnel import flows, netlink
 
-    A table that lost a chain or rule is replaced whole (patching individual rules would
-    need to know what is left of them); the elements follow in a second transaction,
-    since JSON cannot express the fixed ruleset and text must not carry names.
+    try:
+        facts = netlink.link_facts(rec.iface)
+    except ViaTunnelError:
+        return  # the interface is gone: its routes are too, and repair comes back later
+    rel = "/" + os.path.relpath(rec.cgroup, cgroup.cgroup2_mount())
+    flows.reset_unmasqueraded(rel, rec.mark, MARK_MASK, (*facts.ipv4, *facts.ipv6_global))
+
+
+def reattach_nft(settings: Settings) -> list[GroupRecord]:
+    """Make our nft table whole again for every ready group; returns the groups whose
+    routing it had to put back (empty when nothing was missing).
+
+    A table that lost rules (``nft flush table``) gets them back in one transaction that
+    flushes and re-adds every rule, keeping its chains and elements: deleting the table
+    would also drop the conntrack NAT state of the groups' flows. Missing elements follow
+    in a second transaction (JSON: nft text must not carry names).
     """
     from via_tunnel import nft
-    from via_tunnel.plan import base_ruleset, level_ruleset, missing_from, table_damaged
+    from via_tunnel.plan import (
+        base_ruleset,
+        element_names,
+        level_ruleset,
+        levels_in,
+        missing_from,
+        table_damaged,
+    )
 
     records = [r for r in state.load_all(settings) if r.usable()]
     if not records:
-        return False
-    listing = nft.list_table()
-    have: set[int] = set()
-    if listing is None:
-        text, listing = base_ruleset(), []
-    elif table_damaged(listing):  # replaced whole, in the same transaction
-        text, listing = f"delete table {NFT_FAMILY} {NFT_TABLE}\n" + base_ruleset(), []
+        return []
+    printed = nft.table_text()
+    needed = {r.level for r in records}
+    if printed is None:
+        text, have = base_ruleset(), set()
+    elif table_damaged(printed):
+        have = levels_in(printed)
+        text = f"flush table {NFT_FAMILY} {NFT_TABLE}\n" + base_ruleset() \
+            + "".join(level_ruleset(level) for level in sorted(have))
     else:
-        text, have = "", nft.table_levels(listing)
-    for level in sorted({r.level for r in records} - have):
-        text += level_ruleset(level)
+        text, have = "", levels_in(printed)
+    text += "".join(level_ruleset(level) for level in sorted(needed - have))
+    listing = [] if printed is None else nft.list_elements(*element_names(have | needed))
     commands = []
+    reattached = []
     for rec in records:
         plan = _plan_of(rec)
-        if text or missing_from(listing, plan):
+        if printed is None or missing_from(listing, plan):
             commands += group_elements(plan, "add")
+            reattached.append(rec)
     if text:
         nft.run_text(text)
     if commands:
         nft.run_json(commands)
-    return bool(text or commands)
+    return records if text else reattached  # without rules, no group was routed
 
 
 def teardown_if_empty(settings: Settings, iface: str) -> bool:
@@ -295,7 +322,7 @@ def cleanup(settings: Settings) -> list[str]:
         done.append(f"removed {len(present[0])} stray ip rule(s), "
                     f"{len(present[1])} stray table(s)")
     if not live:
-        if nft.list_table() is not None:
+        if nft.table_exists():
             nft.run_json([nft.delete_table_command()])
             done.append("removed nft table inet via_tunnel")
         sysctl.restore(settings)

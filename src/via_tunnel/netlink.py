@@ -67,7 +67,7 @@ def link_facts(name: str) -> LinkFacts:
         up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
         pointopoint=bool(flags & IFF_POINTOPOINT) or not has_l2,
         ipv4=tuple(v4), ipv6_global=tuple(v6), gateway4=gw4, gateway6=gw6,
-        connected4=tuple(conn4), connected6=tuple(conn6),
+        connected4=tuple(conn4), connected6=tuple(conn6), mtu=link.get_attr("IFLA_MTU"),
     )
 
 

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from via_tunnel.errors import KernelError, ViaTunnelError
-from via_tunnel.plan import base_ruleset, level_ruleset
+from via_tunnel.plan import base_ruleset, level_ruleset, levels_in
 from via_tunnel.settings import NFT_FAMILY, NFT_TABLE
 
 _ctx: Any = None
@@ -51,34 +51,51 @@ def run_json(commands: list[dict[str, Any]]) -> dict[str, Any]:
     return out if isinstance(out, dict) else {}
 
 
-def list_table() -> list[dict[str, Any]] | None:
-    """Our table as nft JSON objects, or None when it does not exist."""
-    return list_json(f"list table {NFT_FAMILY} {NFT_TABLE}")
+def table_text() -> str | None:
+    """Our table as nft prints it (text), or None when it does not exist.
+
+    Text, not JSON: libnftables 1.0.6 cannot print the ``update @map { key : data }``
+    statement of our ruleset as JSON, and writes a warning straight to our stderr (the
+    user's terminal) whenever it is asked to."""
+    global _text_ctx
+    if _text_ctx is None:
+        _nft()  # the import and its error message
+        import nftables
+
+        _text_ctx = nftables.Nftables()
+    rc, out, _err = _text_ctx.cmd(f"list table {NFT_FAMILY} {NFT_TABLE}")
+    return out if rc == 0 else None
 
 
-def table_levels(objects: list[dict[str, Any]]) -> set[int]:
-    """The cgroup levels that already have a map in our table."""
-    levels = set()
-    for obj in objects:
-        name = obj.get("map", {}).get("name", "")
-        if name.startswith("groups_l") and name[8:].isdigit():
-            levels.add(int(name[8:]))
-    return levels
+_text_ctx: Any = None
+
+
+def table_exists() -> bool:
+    return table_text() is not None
+
+
+def list_elements(sets: tuple[str, ...], maps: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The named sets and maps of our table as nft JSON objects, with their elements
+    (those that do not exist are left out). The names are ours, never user input."""
+    objects: list[dict[str, Any]] = []
+    for kind, names in (("set", sets), ("map", maps)):
+        for name in names:
+            objects += list_json(f"list {kind} {NFT_FAMILY} {NFT_TABLE} {name}") or []
+    return objects
 
 
 def ensure_table(level: int) -> None:
     """Create our table and the map/rule for ``level`` if missing (one transaction)."""
-    objects = list_table()
-    text = ""
-    if objects is None:
-        text = base_ruleset()
+    text = table_text()
+    if text is None:
+        change = base_ruleset()
         have: set[int] = set()
     else:
-        have = table_levels(objects)
+        change, have = "", levels_in(text)
     if level not in have:
-        text += level_ruleset(level)
-    if text:
-        run_text(text)
+        change += level_ruleset(level)
+    if change:
+        run_text(change)
 
 
 def delete_table_command() -> dict[str, Any]:
@@ -92,3 +109,18 @@ def list_json(command: str) -> list[dict[str, Any]] | None:
     if rc != 0:
         return None
     return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
+
+
+def group_counters(set_name: str) -> dict[tuple[int, str], tuple[int, int]]:
+    """(mark, interface) -> (packets, bytes) of the elements of one of our counter sets
+    (``tx`` or ``rx``); empty when the table or set is missing. ``set_name`` is ours."""
+    out: dict[tuple[int, str], tuple[int, int]] = {}
+    for obj in list_json(f"list set {NFT_FAMILY} {NFT_TABLE} {set_name}") or []:
+        for e in obj.get("set", {}).get("elem", []):
+            if not (isinstance(e, dict) and "elem" in e):
+                continue
+            mark, iface = e["elem"]["val"]["concat"]
+            counter = e["elem"].get("counter") or {}
+            out[(int(mark), str(iface))] = (int(counter.get("packets", 0)),
+                                            int(counter.get("bytes", 0)))
+    return out

@@ -42,6 +42,7 @@ class LinkFacts:
     gateway6: str | None = None
     connected4: tuple[str, ...] = ()  # main-table link routes ("dst/len") on this interface
     connected6: tuple[str, ...] = ()
+    mtu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -304,43 +305,46 @@ def _element_value(e: Any) -> Any:
     return e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
 
 
-def table_damaged(listing: list[dict[str, Any]]) -> bool:
-    """Whether a listing of our table misses a chain or rule of the fixed ruleset or of a
-    cgroup level (what ``nft flush table`` or a stray ``nft delete rule`` leaves)."""
-    rules: dict[str, int] = {}
-    levels = 0
-    for obj in listing:
-        if "chain" in obj:
-            rules.setdefault(obj["chain"]["name"], 0)
-        elif "rule" in obj:
-            chain = obj["rule"]["chain"]
-            rules[chain] = rules.get(chain, 0) + 1
-        elif "map" in obj and obj["map"]["name"].startswith("groups_l"):
-            levels += 1
-    expected = dict(_base_rule_counts())
-    expected["group_sockets"] = levels
-    return any(rules.get(chain, -1) < n for chain, n in expected.items())
+def table_damaged(text: str) -> bool:
+    """Whether our table, as nft prints it (text), misses a chain or rule of the fixed
+    ruleset or of a cgroup level (what ``nft flush table`` or a stray ``nft delete rule``
+    leaves)."""
+    have = rule_counts(text)
+    expected = rule_counts(base_ruleset())
+    expected["group_sockets"] = len(levels_in(text))
+    return any(have.get(chain, -1) < n for chain, n in expected.items())
 
 
-_rule_counts: tuple[tuple[str, int], ...] | None = None
+def rule_counts(text: str) -> dict[str, int]:
+    """chain -> number of rules, from nft ruleset text (ruleset.nft or an ``nft list``
+    printout): every line inside a chain block other than its type/policy line and
+    comments is one rule."""
+    counts: dict[str, int] = {}
+    chain: str | None = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("chain "):
+            chain = line.split()[1]
+            counts[chain] = 0
+        elif chain is not None and line == "}":
+            chain = None
+        elif chain is not None and line and not line.startswith("type "):
+            counts[chain] += 1
+    return counts
 
 
-def _base_rule_counts() -> tuple[tuple[str, int], ...]:
-    """(chain, number of rules) of ruleset.nft: every line inside a chain block that is
-    not its type/policy line or a comment is one rule."""
-    global _rule_counts
-    if _rule_counts is None:
-        counts: list[tuple[str, int]] = []
-        chain: str | None = None
-        n = 0
-        for raw in base_ruleset().splitlines():
-            line = raw.split("#", 1)[0].strip()
-            if line.startswith("chain "):
-                chain, n = line.split()[1], 0
-            elif chain is not None and line == "}":
-                counts.append((chain, n))
-                chain = None
-            elif chain is not None and line and not line.startswith("type "):
-                n += 1
-        _rule_counts = tuple(counts)
-    return _rule_counts
+def levels_in(text: str) -> set[int]:
+    """The cgroup levels that have a map in our table, from its nft printout."""
+    levels = set()
+    for raw in text.splitlines():
+        words = raw.split()
+        if len(words) >= 2 and words[0] == "map" and words[1].startswith("groups_l") \
+                and words[1][8:].isdigit():
+            levels.add(int(words[1][8:]))
+    return levels
+
+
+def element_names(levels: set[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(sets, maps) that hold groups' elements: what :func:`missing_from` needs listed."""
+    return (("group_oifs", "tx", "rx", "v6_blocked"),
+            ("iif_marks", "dns4", "dns6", *(level_map_name(lv) for lv in sorted(levels))))
