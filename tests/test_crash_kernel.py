@@ -27,19 +27,24 @@ import json
 import os
 import random
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_lab import (
+    USER_PY,
+    Daemon,
+    as_nobody,
+    daemon_env,
+    readable_package,
+    require_setpriv,
+)
 from helpers import (
-    PACKAGE_PARENT,
     CaptureElsewhere,
     canonical,
     cgroup_leftovers,
@@ -328,71 +333,19 @@ def test_sigkill_of_the_watcher_during_teardown(lab: Lab, vt_env: dict[str, str]
 
 # -- the daemon ---------------------------------------------------------------------------
 
-USER_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-USER = "nobody"
-
 
 @pytest.fixture(scope="module")
-def readable_package() -> Iterator[str]:
-    """A world-readable copy of the package (the checkout may be unreadable to nobody)."""
-    top = tempfile.mkdtemp(prefix="vt-crash-pkg-")
-    try:
-        os.chmod(top, 0o755)
-        shutil.copytree(os.path.join(PACKAGE_PARENT, "via_tunnel"),
-                        os.path.join(top, "via_tunnel"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for dirpath, dirs, files in os.walk(top):
-            for name in dirs:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in files:
-                os.chmod(os.path.join(dirpath, name), 0o644)
+def package() -> Iterator[str]:
+    with readable_package() as top:
         yield top
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-
-
-class Daemon:
-    """`via-tunnel daemon` in the lab's client namespace, restartable, logging to a file."""
-
-    def __init__(self, lab: Lab, env: dict[str, str], log: Path) -> None:
-        self.lab, self.env, self.log_path = lab, env, log
-        self.proc: subprocess.Popen[Any] | None = None
-
-    def start(self) -> None:
-        seen = self.log().count("listening on")
-        with open(self.log_path, "a") as log:
-            self.proc = self.lab.popen(self.lab.client,
-                                       [sys.executable, "-m", "via_tunnel", "daemon"],
-                                       env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=log)
-        wait_for(lambda: self.log().count("listening on") > seen or self.proc.poll() is not None,
-                 timeout=10, what="the daemon to listen")
-        assert self.proc.poll() is None, self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-def as_nobody(*argv: str) -> list[str]:
-    return ["setpriv", "--reuid", USER, "--regid", "nogroup", "--clear-groups", "--", *argv]
 
 
 def test_sigkill_of_the_daemon_mid_request(lab: Lab, vt_env: dict[str, str],
-                                           footprint: Footprint, readable_package: str,
+                                           footprint: Footprint, package: str,
                                            tmp_path: Path) -> None:
-    if shutil.which("setpriv") is None:
-        pytest.fail("setpriv (util-linux) is needed")
+    require_setpriv()
     rng = random.Random(SEED + 2)
-    config = tmp_path / "config.toml"
-    config.write_text(f'[interface.vlan3]\nallow_users = ["{USER}"]\n')
-    config.chmod(0o644)
-    env = {**vt_env, "PYTHONPATH": readable_package, "VIA_TUNNEL_CONFIG": str(config),
-           "VIA_TUNNEL_SOCKET": vt_env["VIA_TUNNEL_STATE_DIR"] + "/daemon.sock"}
+    env = daemon_env(vt_env, package, tmp_path / "config.toml", "vlan3")
     daemon = Daemon(lab, env, tmp_path / "daemon.log")
 
     def client(*mode: str) -> subprocess.Popen[str]:
