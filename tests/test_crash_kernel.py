@@ -354,10 +354,13 @@ def test_sigkill_of_the_daemon_mid_request(lab: Lab, vt_env: dict[str, str],
                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
 
-    def fetch_through_daemon() -> str:
+    def fetch_through_daemon() -> list[str]:
+        """The next launch: the server's view of it, then marker datagrams."""
+        brief = [USER_PY, "-c", SENDER, "brief"]
+        cmd = " ".join([*lab.fetch_argv(), ";", *map(shlex.quote, brief)])
         r = lab.run(lab.client, as_nobody(USER_PY, "-m", "via_tunnel", "vlan3", "--",
-                                          *lab.fetch_argv()), env=env, check=False)
-        return r.stdout.strip() or r.stderr.strip()
+                                          "sh", "-c", cmd), env=env, check=False)
+        return r.stdout.split() or [r.stderr.strip()]
 
     daemon.start()
     try:
@@ -391,7 +394,8 @@ def test_sigkill_of_the_daemon_mid_request(lab: Lab, vt_env: dict[str, str],
                 footprint.wait_clean(f"{what}, then a restart")
                 if point % 2:
                     got = fetch_through_daemon()
-                    assert got == Lab.CLIENT_VETH, f"seed {SEED}: {what}: next launch: {got}"
+                    assert got == [Lab.CLIENT_VETH, "up"], \
+                        f"seed {SEED}: {what}: next launch: {got}"
                     footprint.wait_clean(f"{what}, then the next launch")
             traffic.check()
     finally:
