@@ -99,8 +99,8 @@ def test_ipv6_goes_through_a_tunnel_that_has_it(lab: Lab, vt_env: dict[str, str]
     # for the opposite IPv6 routing is refused rather than silently joining it.
     holder = via_popen(lab, vt_env, "--ipv6", "block", "tun0", "--", "sleep", "30")
     try:
-        wait_for(lambda: os.path.exists(os.path.join(vt_env["VIA_TUNNEL_STATE_DIR"], "groups",
-                                                     "tun0.json")), what="the tun0 group")
+        wait_for(lambda: holder.pid in group_members(lab, vt_env, "tun0"),
+                 what="the holder in the tun0 group")
         r = via(lab, vt_env, "--ipv6", "tunnel", "tun0", "--", "true", check=False)
         assert r.returncode == 125 and "already in use with IPv6 blocked" in r.stderr
     finally:
@@ -312,3 +312,9 @@ def test_a_half_built_group_left_by_a_crash_is_rebuilt_not_joined(
     with Capture(lab, lab.client, "eth0", f"host {Lab.SERVER}") as lan:
         assert via(lab, vt_env, "vlan3", "--", *lab.fetch_argv()).stdout.strip() == VETH
     assert lan.packets() == []
+
+
+def group_members(lab: Lab, env: dict[str, str], iface: str) -> list[int]:
+    groups = json.loads(via(lab, env, "status", "--json").stdout)["groups"]
+    return [m["pid"] for g in groups if g["interface"] == iface for m in g["members"]]
+

@@ -328,16 +328,31 @@ def run_app(args: list[str]) -> int:
     except typer.Abort:
         return 130
     except Exception as exc:
-        try:
-            import click
-        except ImportError:  # typer 0.2x vendors click as typer._click and no longer needs it
-            from typer import _click as click  # type: ignore[no-redef]
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        if isinstance(exc, _click_exceptions()):
+            exc.show()  # type: ignore[attr-defined]
             return EXIT_USAGE
         from via_tunnel.cli import report
 
         return report(ViaTunnelError(f"internal error: {exc!r} (run with --debug)"),
                       _debug or "--debug" in args)
     return 0
+
+
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """The ClickException classes typer may raise: recent typer vendors click as
+    ``typer._click``, older typer uses the ``click`` package; both may be installed."""
+    classes: list[type[Exception]] = []
+    try:
+        from typer import _click  # type: ignore[attr-defined]
+
+        classes.append(_click.exceptions.ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        classes.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
