@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import stat
 from collections.abc import Iterable
@@ -38,7 +39,29 @@ def machine_checks() -> list[tuple[str, CheckFn]]:
         ("networkd", check_networkd),
         ("leftovers", check_leftovers),
         ("daemon", check_daemon),
+        ("tools", check_tools),
     ]
+
+
+# Programs via-tunnel runs, and what goes missing without them.
+TOOLS = (
+    ("ss", "iproute2", "a group's leftover sockets are not destroyed before teardown (their "
+                       "last packets could leave by the LAN)"),
+    ("conntrack", "conntrack", "after our nft table was flushed, flows that escaped "
+                               "masquerade keep the LAN address until they end"),
+)
+
+
+def check_tools(path: str | None = None) -> list[Check]:
+    """The programs via-tunnel runs are on PATH (``path`` overrides it, for tests)."""
+    out = []
+    for program, package, without in TOOLS:
+        if shutil.which(program, path=path) is None:
+            out.append(Check(f"tool-{program}", WARN, f"{program} not found: {without}",
+                             f"apt install {package}"))
+        else:
+            out.append(Check(f"tool-{program}", OK, f"{program} found"))
+    return out
 
 
 # --------------------------------------------------------------------------- cgroup2
