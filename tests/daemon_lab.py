@@ -29,14 +29,15 @@ USER_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.exec
 
 
 @contextmanager
-def readable_package() -> Iterator[str]:
-    """A world-readable copy of the package under test; yields its PYTHONPATH entry."""
+def readable_package(*extra: str) -> Iterator[str]:
+    """A world-readable copy of the package under test (and of the package directories
+    ``extra``); yields its PYTHONPATH entry."""
     top = tempfile.mkdtemp(prefix="vt-pkg-")
     try:
         os.chmod(top, 0o755)
-        shutil.copytree(os.path.join(PACKAGE_PARENT, "via_tunnel"),
-                        os.path.join(top, "via_tunnel"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        for src in (os.path.join(PACKAGE_PARENT, "via_tunnel"), *extra):
+            shutil.copytree(src, os.path.join(top, os.path.basename(src)),
+                            ignore=shutil.ignore_patterns("__pycache__"))
         for dirpath, dirs, files in os.walk(top):
             for name in dirs:
                 os.chmod(os.path.join(dirpath, name), 0o755)

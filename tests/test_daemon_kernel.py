@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_lab import USER_PY, readable_package
 from helpers import PACKAGE_PARENT, cgroup_leftovers, wait_for
 
 from via_tunnel.lab import Lab
@@ -44,27 +45,11 @@ class Users:
         self.group = f"vtg{tag}"
 
 
-# The interpreter the test users run: any Python >= 3.11 they can read will do.
-USER_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-
-
 @pytest.fixture(scope="module")
 def user_pythonpath() -> Iterator[str]:
     """A world-readable copy of the package under test (see the module docstring)."""
-    top = tempfile.mkdtemp(prefix="vt-pkg-")
-    try:
-        os.chmod(top, 0o755)
-        shutil.copytree(os.path.join(PACKAGE_PARENT, "via_tunnel"),
-                        os.path.join(top, "via_tunnel"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for dirpath, dirs, files in os.walk(top):
-            for name in dirs:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in files:
-                os.chmod(os.path.join(dirpath, name), 0o644)
+    with readable_package() as top:
         yield top
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -235,18 +235,18 @@ def test_networkd_verdicts() -> None:
 
 def _facts(**kw: object) -> LinkFacts:
     base: dict[str, object] = {"name": "tun0", "index": 7, "up": True, "pointopoint": True,
-                               "ipv4": ("192.0.2.50/32",)}
+                               "ipv4": ("192.0.2.50/32",), "mtu": 1500}
     base.update(kw)
     return LinkFacts(**base)  # type: ignore[arg-type]
 
 
 def test_interface_verdicts() -> None:
-    assert {c.status for c in facts_verdicts(_facts(), 1500)} == {OK}
-    got = statuses(facts_verdicts(_facts(up=False, ipv4=()), 1500))
+    assert {c.status for c in facts_verdicts(_facts())} == {OK}
+    got = statuses(facts_verdicts(_facts(up=False, ipv4=())))
     assert got["iface:up"] == FAIL and got["iface:ipv4"] == FAIL
-    got = statuses(facts_verdicts(_facts(pointopoint=False), 1200))
+    got = statuses(facts_verdicts(_facts(pointopoint=False, mtu=1200)))
     assert got["iface:nexthop"] == WARN and got["iface:mtu"] == WARN
-    assert statuses(facts_verdicts(_facts(pointopoint=False, gateway4="192.0.2.1"), None))[
+    assert statuses(facts_verdicts(_facts(pointopoint=False, gateway4="192.0.2.1", mtu=None)))[
         "iface:nexthop"] == OK
 
 

@@ -12,13 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_lab import readable_package
 from helpers import via, via_popen, wait_for
 
 from via_tunnel.lab import Lab, cgroup2_mount
@@ -393,23 +393,8 @@ def readable_copy() -> Iterator[str]:
     or the venv may not be readable by others)."""
     import pyroute2
 
-    import via_tunnel
-
-    top = tempfile.mkdtemp(prefix="vt-doctor-")
-    try:
-        os.chmod(top, 0o755)
-        for pkg in (via_tunnel, pyroute2):
-            src = os.path.dirname(pkg.__file__ or "")
-            shutil.copytree(src, os.path.join(top, os.path.basename(src)),
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        for dirpath, dirs, files in os.walk(top):
-            for name in dirs:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in files:
-                os.chmod(os.path.join(dirpath, name), 0o644)
+    with readable_package(os.path.dirname(pyroute2.__file__ or "")) as top:
         yield top
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_without_root_checks_what_it_can(lab: Lab, denv: dict[str, str],

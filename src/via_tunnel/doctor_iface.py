@@ -13,9 +13,9 @@ from via_tunnel.plan import LinkFacts
 MIN_MTU_V6 = 1280
 
 
-def facts_verdicts(facts: LinkFacts, mtu: int | None) -> list[Check]:
+def facts_verdicts(facts: LinkFacts) -> list[Check]:
     """Judge an interface's facts (pure)."""
-    name = facts.name
+    name, mtu = facts.name, facts.mtu
     out: list[Check] = []
     if facts.up:
         out.append(Check("iface:up", OK, f"{name} exists (index {facts.index}) and is up"))
@@ -62,15 +62,6 @@ def facts_verdicts(facts: LinkFacts, mtu: int | None) -> list[Check]:
     return out
 
 
-def _mtu(name: str) -> int | None:
-    from via_tunnel import netlink
-
-    with netlink.open_iproute() as ipr:
-        _index, link = netlink.lookup_link(ipr, name)
-        mtu = link.get_attr("IFLA_MTU")
-    return int(mtu) if mtu is not None else None
-
-
 def checks(name: str) -> list[Check]:
     from via_tunnel import doctor_checks, netlink
     from via_tunnel.errors import ViaTunnelError
@@ -82,7 +73,7 @@ def checks(name: str) -> list[Check]:
     except ViaTunnelError as exc:
         return [Check("iface:up", FAIL, exc.message,
                       "check the name (ip link) or start what creates the interface")]
-    out = facts_verdicts(facts, _mtu(name))
+    out = facts_verdicts(facts)
     conf = doctor_checks.PROC_IPV4_CONF
     rp_all = doctor_checks.read_int(f"{conf}/all/rp_filter")
     rp_if = doctor_checks.read_int(f"{conf}/{name}/rp_filter")

@@ -1,4 +1,9 @@
-"""Conntrack entries of a group's flows that escaped masquerade, and their removal.
+"""The sockets of a group's processes and the conntrack entries of its flows.
+
+:func:`kill_sockets` destroys the sockets an exited program left behind, before teardown:
+its orphaned TCP sockets keep sending FIN and unacknowledged data, which would leave by the
+LAN once our rules are gone (NOTES.md).
+
 
 NAT is decided once per connection, on its first packet. A flow of the group that starts
 while our nft table is missing or half rebuilt (someone ran ``nft flush ruleset``; see
@@ -6,8 +11,10 @@ while our nft table is missing or half rebuilt (someone ran ``nft flush ruleset`
 back its packets are marked and routed through the interface again, but keep the LAN
 source address for as long as the entry lives (for an active UDP stream: forever). Such
 entries are found by the group's own sockets (``ss``, by cgroup) and deleted: the next
-packet creates a fresh entry, which masquerade handles. Adapters over ``ss`` and the
-``conntrack`` program, called only after a repair.
+packet creates a fresh entry, which masquerade handles.
+
+Adapters over ``ss`` and the ``conntrack`` program. ``cgroup_rel`` is a group's cgroup as
+``ss`` wants it, relative to the cgroup2 mount (:func:`cgroup.tree_path`).
 """
 
 from __future__ import annotations
@@ -108,11 +115,16 @@ def _run(argv: list[str]) -> str:
     return out.stdout
 
 
+def kill_sockets(cgroup_rel: str) -> None:
+    """Destroy every TCP, UDP and raw socket of the group (sock_destroy, as ``ss -K``)."""
+    _run(["ss", "-K", "-tuwa", "cgroup", cgroup_rel])
+
+
 def reset_unmasqueraded(cgroup_rel: str, mark: int, mark_mask: int,
                         own_addresses: tuple[str, ...], passes: int = 4,
                         pause: float = 0.01) -> list[Entry]:
-    """Delete the conntrack entries of the group in cgroup ``cgroup_rel`` (path relative to
-    the cgroup2 mount, as ``ss`` wants it) that escaped masquerade. Returns them.
+    """Delete the conntrack entries of the group in cgroup ``cgroup_rel`` that escaped
+    masquerade. Returns them.
 
     A few passes, a moment apart: a reply still on its way to a flow that leaked creates a
     new stale entry when it arrives after the first pass.

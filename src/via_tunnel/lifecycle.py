@@ -10,15 +10,14 @@ Ordering guarantees (no moment without routing for a process already in the grou
   marked ready. CMD runs in the group only after all of that succeeded (a cold launcher
   may enter the new cgroup earlier, see early_join.py: it sends no traffic of its own).
 * teardown: only when ``cgroup.events`` says unpopulated; kill the group's remaining
-  sockets (orphaned TCP sockets would otherwise retransmit by the LAN once the rules are
-  gone) -> nft elements -> ip rules and routes -> cgroup -> record.
+  sockets (flows.kill_sockets: orphaned TCP sockets would otherwise retransmit by the LAN
+  once the rules are gone) -> nft elements -> ip rules and routes -> cgroup -> record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
 
 from via_tunnel import cgroup, state, sysctl
@@ -135,13 +134,13 @@ def _plan_of(rec: GroupRecord) -> GroupPlan:
 def teardown(settings: Settings, rec: GroupRecord) -> None:
     """Remove everything ``rec`` names. Idempotent; caller holds the lock and has checked
     that the group is empty (a populated cgroup makes the final rmdir fail loudly)."""
-    from via_tunnel import netlink, nft
+    from via_tunnel import flows, netlink, nft
 
     plan = _plan_of(rec)
     if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
         rec.ready = False
         state.save(settings, rec)
-    kill_sockets(rec.cgroup)
+    flows.kill_sockets(cgroup.tree_path(rec.cgroup))
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
     if nft.table_exists():
         if not others:
@@ -172,20 +171,6 @@ def _nft_detach(plan: GroupPlan) -> None:
         for command in commands:
             with contextlib.suppress(KernelError):
                 nft.run_json([command])
-
-
-def kill_sockets(path: str) -> None:
-    """Destroy the sockets the group's processes left behind (sock_destroy, as ``ss -K``).
-
-    An exited program's orphaned TCP sockets keep sending FIN and unacknowledged data; once
-    our rules are gone those packets would leave by the LAN. Killing them first closes that
-    leak (NOTES.md). ``ss`` wants the path relative to the cgroup2 mount.
-    """
-    mount = cgroup.cgroup2_mount()
-    rel = "/" + os.path.relpath(path, mount)
-    with contextlib.suppress(OSError):
-        subprocess.run(["ss", "-K", "-tuwa", "cgroup", rel], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False, timeout=5)
 
 
 def repair(settings: Settings, iface: str) -> bool:
@@ -231,8 +216,8 @@ def _reset_flows(rec: GroupRecord) -> None:
         facts = netlink.link_facts(rec.iface)
     except ViaTunnelError:
         return  # the interface is gone: its routes are too, and repair comes back later
-    rel = "/" + os.path.relpath(rec.cgroup, cgroup.cgroup2_mount())
-    flows.reset_unmasqueraded(rel, rec.mark, MARK_MASK, (*facts.ipv4, *facts.ipv6_global))
+    flows.reset_unmasqueraded(cgroup.tree_path(rec.cgroup), rec.mark, MARK_MASK,
+                              (*facts.ipv4, *facts.ipv6_global))
 
 
 def reattach_nft(settings: Settings) -> list[GroupRecord]:

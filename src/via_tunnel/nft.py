@@ -13,7 +13,8 @@ from via_tunnel.errors import KernelError, ViaTunnelError
 from via_tunnel.plan import base_ruleset, level_ruleset, levels_in
 from via_tunnel.settings import NFT_FAMILY, NFT_TABLE
 
-_ctx: Any = None
+_ctx: Any = None  # JSON in and out: every change, and listings of sets
+_text_ctx: Any = None  # text out: listings of the whole table (see table_text)
 
 
 def _nft() -> Any:
@@ -31,6 +32,11 @@ def _nft() -> Any:
         ctx.set_handle_output(True)
         _ctx = ctx
     return _ctx
+
+
+def preload() -> None:
+    """Load the binding now (and fail now if it is missing), before it is needed."""
+    _nft()
 
 
 def run_text(text: str) -> None:
@@ -65,9 +71,6 @@ def table_text() -> str | None:
         _text_ctx = nftables.Nftables()
     rc, out, _err = _text_ctx.cmd(f"list table {NFT_FAMILY} {NFT_TABLE}")
     return out if rc == 0 else None
-
-
-_text_ctx: Any = None
 
 
 def table_exists() -> bool:

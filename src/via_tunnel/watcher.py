@@ -157,7 +157,7 @@ def _preload() -> None:
         from via_tunnel.pyroute2_lazy import iproute_class
 
         iproute_class()
-        nft._nft()
+        nft.preload()
 
 
 def _remove_unrecorded(settings: Settings, iface: str) -> None:
