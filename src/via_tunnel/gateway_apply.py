@@ -206,8 +206,7 @@ def _release_sysctls(paths: Paths, needed: set[str]) -> None:
     if saved:
         state.write_json(paths.sysctl, saved)
     else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(paths.sysctl)
+        state.remove_json(paths.sysctl)
 
 
 def _load_sysctl(paths: Paths) -> dict[str, list[tuple[str, str]]]:
@@ -300,7 +299,7 @@ def up(cfg: GatewayConfig, settings: Settings) -> str:
                 nft.run_json(up_commands(plan, names))
             except ViaTunnelError:
                 if old is None:
-                    os.unlink(paths.tunnel(cfg.tun))
+                    state.remove_json(paths.tunnel(cfg.tun))
                 else:
                     state.write_json(paths.tunnel(cfg.tun), old)
                 raise
@@ -326,7 +325,7 @@ def down(tun: str, settings: Settings) -> str:
         cmds = down_commands(gw_id, table_names(_table()))
         if cmds:
             nft.run_json(cmds)
-        os.unlink(paths.tunnel(tun))
+        state.remove_json(paths.tunnel(tun))
         needed = {f for r in states.values()
                   for f in _families(GatewayPlan.from_dict(r["plan"]))}
         _release_sysctls(paths, needed)

@@ -281,6 +281,7 @@ def teardown_if_empty(settings: Settings, iface: str) -> bool:
 
 def cleanup(settings: Settings) -> list[str]:
     """Remove what crashed or killed runs left behind; never touch a group with members.
+    Call under :func:`state.locked`.
 
     Returns a line per thing removed. Besides recorded groups, sweeps kernel objects in our
     numeric ranges that no record explains (a crash before the record was written).
@@ -294,6 +295,7 @@ def cleanup(settings: Settings) -> list[str]:
             teardown(settings, rec)
             done.append(f"removed group {rec.iface}")
     live = state.load_all(settings)
+    done.extend(state.remove_orphan_tmp(settings))
     live_slots = {r.slot for r in live}
     stray_rules: list[RuleSpec] = []
     stray_tables: list[int] = []

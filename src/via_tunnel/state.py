@@ -96,11 +96,23 @@ def locked(settings: Settings) -> FileLock:
 
 
 def write_json(path: str, data: object) -> None:
-    """Write atomically (rename), so a reader never sees half a file."""
+    """Write atomically (rename), so a reader never sees half a file. A crash between the
+    write and the rename leaves ``path.tmp``; :func:`remove_json` removes it too."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+def remove_json(path: str) -> None:
+    """Remove a file written by :func:`write_json`, and the ``.tmp`` a writer killed
+    mid-write left beside it; missing files are fine. Call under the lock that guards
+    the writers, or a live writer's ``.tmp`` could vanish before its rename."""
+    for name in (path, path + ".tmp"):
+        try:  # noqa: SIM105 - importing contextlib costs the warm launch
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
 
 
 def record_path(settings: Settings, iface: str) -> str:
@@ -136,10 +148,29 @@ def save(settings: Settings, rec: GroupRecord) -> None:
 
 
 def delete(settings: Settings, iface: str) -> None:
-    try:  # noqa: SIM105 - importing contextlib costs the warm launch
-        os.unlink(record_path(settings, iface))
-    except FileNotFoundError:
-        pass
+    remove_json(record_path(settings, iface))
+
+
+def remove_orphan_tmp(settings: Settings) -> list[str]:
+    """Remove the ``.tmp`` files of writers killed mid-write (a launcher killed while it
+    wrote its first record leaves one and nothing else). Call under :func:`locked`: every
+    writer holds it, so no ``.tmp`` found then belongs to a live writer. Returns a line
+    per file removed."""
+    done = []
+    for directory in (settings.groups_dir, settings.state_dir):
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.endswith(".json.tmp"):
+                path = os.path.join(directory, name)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                done.append(f"removed half-written {path}")
+    return done
 
 
 def free_slot(records: list[GroupRecord]) -> int:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 
+from via_tunnel import state
 from via_tunnel.settings import Settings
 
 SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
@@ -29,11 +30,7 @@ def write(path: str, value: str) -> None:
 def ensure(settings: Settings) -> None:
     """Set what we need, saving the previous values once (the first group saves them)."""
     if not os.path.exists(settings.sysctl_path):
-        saved = {p: read(p) for p in WANTED}
-        tmp = settings.sysctl_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(saved, f)
-        os.replace(tmp, settings.sysctl_path)
+        state.write_json(settings.sysctl_path, {p: read(p) for p in WANTED})
     for path, value in WANTED.items():
         if read(path) != value:
             write(path, value)
@@ -69,4 +66,4 @@ def restore(settings: Settings) -> None:
         if path in WANTED:
             with contextlib.suppress(OSError):
                 write(path, str(value))
-    os.unlink(settings.sysctl_path)
+    state.remove_json(settings.sysctl_path)

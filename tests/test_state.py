@@ -1,0 +1,43 @@
+"""The group records' file handling: what a writer killed mid-write leaves is removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from via_tunnel import state
+from via_tunnel.settings import Settings
+
+
+def _record(iface: str) -> state.GroupRecord:
+    return state.GroupRecord(iface=iface, slot=1, mark=0x1, table=1, level=1,
+                             cgroup="/nonexistent", cgroup_nft_path="x", created=0.0)
+
+
+def test_delete_also_removes_a_half_written_record(tmp_path: Path) -> None:
+    settings = Settings(state_dir=str(tmp_path))
+    state.save(settings, _record("vlan3"))
+    # A launcher killed between the write and the rename of the next save leaves this:
+    Path(state.record_path(settings, "vlan3") + ".tmp").write_text('{"iface": "vl')
+    state.delete(settings, "vlan3")
+    assert sorted(p.name for p in Path(settings.groups_dir).iterdir()) == []
+
+
+def test_orphan_tmp_files_are_swept_and_nothing_else(tmp_path: Path) -> None:
+    settings = Settings(state_dir=str(tmp_path))
+    state.save(settings, _record("eth0"))
+    groups = Path(settings.groups_dir)
+    (groups / "vlan3.json.tmp").write_text("{")  # killed during its very first save
+    (tmp_path / "sysctl.json.tmp").write_text("{")
+    (groups / "eth0.watch").write_text("123")
+    done = state.remove_orphan_tmp(settings)
+    assert len(done) == 2 and all("half-written" in line for line in done)
+    assert sorted(p.name for p in groups.iterdir()) == ["eth0.json", "eth0.watch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["groups"]
+    assert [r.iface for r in state.load_all(settings)] == ["eth0"]
+    assert state.remove_orphan_tmp(settings) == []
+
+
+def test_a_missing_state_dir_is_not_an_error(tmp_path: Path) -> None:
+    settings = Settings(state_dir=str(tmp_path / "absent"))
+    assert state.remove_orphan_tmp(settings) == []
+    state.delete(settings, "vlan3")
