@@ -238,10 +238,6 @@ def _table() -> list[dict[str, Any]]:
     return nft.list_json(f"list table {GW_FAMILY} {GW_TABLE}") or []
 
 
-def _ruleset() -> list[dict[str, Any]]:
-    return nft.list_json("list ruleset") or []
-
-
 # --------------------------------------------------------------------------- actions
 
 
@@ -286,7 +282,7 @@ def up(cfg: GatewayConfig, settings: Settings) -> str:
                             f"{f.proto} port {f.port[0]} of {plan.wan} is already forwarded "
                             f"by gateway {other} ({g.spec()})"
                         )
-        for w in foreign_warnings(_ruleset(), plan):
+        for w in foreign_warnings(nft.others_ruleset(), plan):
             warn(w)
         wanted = {*chain_names(gw_id), *counter_names(plan)}
         # Up twice changes nothing: same plan and exactly its objects in place.

@@ -114,6 +114,25 @@ def list_json(command: str) -> list[dict[str, Any]] | None:
     return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
 
 
+def others_ruleset() -> list[dict[str, Any]]:
+    """Every table but ours, as ``nft -j list ruleset`` would give them (metainfo dropped).
+
+    Ours is left out because libnftables cannot print it as JSON (see :func:`table_text`)
+    and would write warnings to the user's terminal. Each table is listed by a JSON
+    command, so no name read from the kernel is spliced into command text."""
+    tables = list_json("list tables") or []
+    objects: list[dict[str, Any]] = []
+    for obj in tables:
+        t = obj.get("table")
+        if not t or (t.get("family"), t.get("name")) == (NFT_FAMILY, NFT_TABLE):
+            continue
+        rc, out, _err = _nft().json_cmd(
+            {"nftables": [{"list": {"table": {"family": t["family"], "name": t["name"]}}}]})
+        if rc == 0 and isinstance(out, dict):  # a table deleted meanwhile is skipped
+            objects += [o for o in out.get("nftables", []) if "metainfo" not in o]
+    return objects
+
+
 def group_counters(set_name: str) -> dict[tuple[int, str], tuple[int, int]]:
     """(mark, interface) -> (packets, bytes) of the elements of one of our counter sets
     (``tx`` or ``rx``); empty when the table or set is missing. ``set_name`` is ours."""
