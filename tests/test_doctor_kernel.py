@@ -21,6 +21,7 @@ import pytest
 from daemon_lab import readable_package
 from helpers import via, via_popen, wait_for
 
+from via_tunnel import __version__
 from via_tunnel.lab import Lab, cgroup2_mount
 
 pytestmark = pytest.mark.kernel
@@ -340,12 +341,15 @@ def test_daemon_socket(lab: Lab, denv: dict[str, str]) -> None:
     try:
         wait_for(lambda: os.path.exists(path), what="daemon socket")
         rc, checks = doctor(lab, denv)
-        assert one(checks, "daemon") == {"name": "daemon", "status": "ok",
-                                         "detail": f"a daemon answers at {path}", "fix": None}
+        assert one(checks, "daemon") == {
+            "name": "daemon", "status": "ok", "fix": None,
+            "detail": f"a daemon (version {__version__}) answers at {path}"}
     finally:
         daemon.terminate()
-        daemon.wait(timeout=10)
+        _out, log = daemon.communicate(timeout=10)
     assert not os.path.exists(path)
+    # The probe is a ping: the daemon neither decides nor logs a bad request for it.
+    assert "bad request" not in log and "allow" not in log and "refuse" not in log, log
 
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)  # bound, never listening: what a killed daemon leaves

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from via_tunnel import cgroup, lifecycle, state, watcher
+from via_tunnel import __version__, cgroup, lifecycle, state, watcher
 from via_tunnel import policy as policy_mod
 from via_tunnel.client import socket_path as default_socket_path
 from via_tunnel.errors import ViaTunnelError
@@ -291,7 +291,11 @@ class Daemon:
     def _serve(self, conn: socket.socket, peer: Peer) -> None:
         try:
             try:
-                answer = self.launch(policy_mod.parse_request(read_request(conn)), peer)
+                raw = read_request(conn)
+                if policy_mod.is_ping(raw):
+                    answer = {"ok": True, "version": __version__}
+                else:
+                    answer = self.launch(policy_mod.parse_request(raw), peer)
             except ViaTunnelError as exc:
                 if isinstance(exc, RequestError):
                     log(f"bad request from {peer}: {exc.message}")

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from socket import AF_INET, AF_INET6
 
 from via_tunnel.doctor import FAIL, OK, WARN, Check, CheckFn
+from via_tunnel.policy import PING
 from via_tunnel.settings import MAX_SLOT, Settings, mark_for_slot, table_for_slot
 
 CLEANUP = "via-tunnel cleanup"
@@ -475,8 +476,8 @@ DAEMON_TIMEOUT = 2.0
 
 
 def check_daemon() -> list[Check]:
-    """Is there a daemon socket, and does a daemon answer on it? The probe sends an empty
-    request (the daemon answers "bad request" and logs it); it never asks for anything."""
+    """Is there a daemon socket, and does a daemon answer on it? The probe sends a ping
+    (:data:`policy.PING`); it never asks for anything."""
     from via_tunnel.client import socket_path
 
     path = socket_path()
@@ -493,13 +494,18 @@ def check_daemon() -> list[Check]:
         return [Check("daemon", FAIL, f"{path} exists but is not a socket",
                       f"remove it, then {start}")]
     answer = _ask_daemon(path)
-    if isinstance(answer, dict) and "ok" in answer:
-        return [Check("daemon", OK, f"a daemon answers at {path}")]
+    if isinstance(answer, dict) and answer.get("ok") is True:
+        return [Check("daemon", OK, f"a daemon (version {answer.get('version')}) answers "
+                                    f"at {path}")]
+    if isinstance(answer, dict) and "ok" in answer:  # a daemon from before the ping
+        return [Check("daemon", WARN, f"a daemon answers at {path} but not to a ping "
+                                      f"(an older version still running?)",
+                      "restart the daemon")]
     return [Check("daemon", WARN, f"{path}: {answer}", start)]
 
 
 def _ask_daemon(path: str) -> dict[str, object] | str:
-    """The daemon's answer to an empty request, or why there is none (a string)."""
+    """The daemon's answer to a ping, or why there is none (a string)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(DAEMON_TIMEOUT)
@@ -509,6 +515,7 @@ def _ask_daemon(path: str) -> dict[str, object] | str:
             return "the socket exists but nothing listens (a daemon that died)"
         except PermissionError:
             return "permission denied (this user is not in the socket's group)"
+        sock.sendall(PING)
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while len(data) <= 65536:

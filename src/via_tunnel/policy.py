@@ -209,6 +209,15 @@ def decide(policy: Policy, iface: str, uid: int, user: str | None,
                            f"(not in its allow_users or allow_groups)")
 
 
+PING = b'{"ping": true}'
+
+
+def is_ping(raw: bytes) -> bool:
+    """Whether the request is a liveness probe (exactly :data:`PING`, what ``doctor``
+    sends): answered with the daemon's version, nothing decided, nothing logged."""
+    return raw == PING
+
+
 def parse_request(raw: bytes) -> Request:
     """Validate one request (JSON object). Unknown fields are ignored, in particular any
     claim of identity ("pid", "uid"): the daemon takes those from the kernel only."""
