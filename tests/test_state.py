@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from via_tunnel import state
+from via_tunnel import state, sysctl
 from via_tunnel.settings import Settings
 
 
@@ -41,3 +41,12 @@ def test_a_missing_state_dir_is_not_an_error(tmp_path: Path) -> None:
     settings = Settings(state_dir=str(tmp_path / "absent"))
     assert state.remove_orphan_tmp(settings) == []
     state.delete(settings, "vlan3")
+
+
+def test_restoring_sysctls_after_a_kill_mid_save_removes_the_half_written_file(
+        tmp_path: Path) -> None:
+    settings = Settings(state_dir=str(tmp_path))
+    # Killed while saving the values it found: none was changed yet, nothing to write back.
+    Path(settings.sysctl_path + ".tmp").write_text('{"/proc/sys/net/ipv4/conf/all/src_v')
+    sysctl.restore(settings)
+    assert list(tmp_path.iterdir()) == []

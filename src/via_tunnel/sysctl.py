@@ -60,8 +60,8 @@ def restore(settings: Settings) -> None:
     try:
         with open(settings.sysctl_path) as f:
             saved = json.load(f)
-    except FileNotFoundError:
-        return
+    except FileNotFoundError:  # never saved, or killed mid-save: nothing was changed yet
+        saved = {}
     for path, value in saved.items():
         if path in WANTED:
             with contextlib.suppress(OSError):
