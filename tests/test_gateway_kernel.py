@@ -62,6 +62,16 @@ while True:
 """
 
 
+# Holds a table with `flags owner` until its stdin closes.
+OWNED_TABLE = """
+import sys, nftables
+ctx = nftables.Nftables()
+assert ctx.cmd("add table inet vt_owned { flags owner; }")[0] == 0
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
 def gw(lab: Lab, env: dict[str, str], *args: str, check: bool = True,
        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``via-tunnel gateway ARGS`` in the gateway namespace."""
@@ -263,6 +273,11 @@ table ip vtnat {
     # cannot print as JSON (it writes "warning: stmt ops map have no json callback" to
     # the terminal when asked), so the scan for foreign tables must not ask for it.
     vps.run(vps.gateway, ["nft", "-f", "-"], input=base_ruleset() + level_ruleset(1))
+    # And a table with `flags owner` (what a running `via-tunnel trace` has), whose flags
+    # libnftables 1.0.6 prints as garbage or as nothing in JSON: the scan must survive it.
+    owner = vps.popen(vps.gateway, [sys.executable, "-c", OWNED_TABLE],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
     try:
         r = gw(vps, vt_env, "up", "tun0", "--wan", "wan0", "--forward", "tcp:1000:192.0.2.50")
         assert "table ip vtfilter chain FORWARD drops forwarded packets" in r.stderr
@@ -275,6 +290,7 @@ table ip vtnat {
         assert r.returncode != 0
         gw(vps, vt_env, "down", "tun0")
     finally:
+        owner.communicate("", timeout=10)  # its table goes with its netlink socket
         vps.run(vps.gateway, ["nft", "delete table ip vtfilter; delete table ip vtnat; "
                               f"delete table {NFT_FAMILY} {NFT_TABLE}"], check=False)
 

@@ -57,24 +57,30 @@ def run_json(commands: list[dict[str, Any]]) -> dict[str, Any]:
     return out if isinstance(out, dict) else {}
 
 
-def table_text() -> str | None:
-    """Our table as nft prints it (text), or None when it does not exist.
-
-    Text, not JSON: libnftables 1.0.6 cannot print the ``update @map { key : data }``
-    statement of our ruleset as JSON, and writes a warning straight to our stderr (the
-    user's terminal) whenever it is asked to."""
+def _text() -> Any:
     global _text_ctx
     if _text_ctx is None:
         _nft()  # the import and its error message
         import nftables
 
         _text_ctx = nftables.Nftables()
-    rc, out, _err = _text_ctx.cmd(f"list table {NFT_FAMILY} {NFT_TABLE}")
+    return _text_ctx
+
+
+def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:
+    """A table as nft prints it (text), or None when it does not exist. ``family`` and
+    ``name`` are our fixed names, never user input (they are spliced into the command).
+
+    Text, not JSON, for two bugs of libnftables 1.0.6's JSON printer (seen here): it
+    cannot print the ``update @map { key : data }`` statement of our ruleset and writes a
+    warning straight to our stderr (the user's terminal); and it prints the flags of a
+    table with ``flags owner`` (trace's) as garbage or as nothing, which is not JSON."""
+    rc, out, _err = _text().cmd(f"list table {family} {name}")
     return out if rc == 0 else None
 
 
-def table_exists() -> bool:
-    return table_text() is not None
+def table_exists(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> bool:
+    return table_text(family, name) is not None
 
 
 def list_elements(sets: tuple[str, ...], maps: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -111,25 +117,36 @@ def list_json(command: str) -> list[dict[str, Any]] | None:
     rc, out, _err = _nft().cmd(command)
     if rc != 0:
         return None
-    return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
+    try:
+        listing = json.loads(out)
+    except ValueError:  # see table_text: the JSON printer has bugs
+        raise KernelError(f"libnftables printed unreadable JSON for `{command}`") from None
+    return [o for o in listing.get("nftables", []) if "metainfo" not in o]
 
 
 def others_ruleset() -> list[dict[str, Any]]:
     """Every table but ours, as ``nft -j list ruleset`` would give them (metainfo dropped).
 
     Ours is left out because libnftables cannot print it as JSON (see :func:`table_text`)
-    and would write warnings to the user's terminal. Each table is listed by a JSON
-    command, so no name read from the kernel is spliced into command text."""
-    tables = list_json("list tables") or []
+    and would write warnings to the user's terminal; so is a table the JSON printer
+    garbles (an owned one, see there), and one deleted meanwhile. The names come from a
+    text listing; each table is then listed by a JSON command, so no name read from the
+    kernel is spliced into command text."""
+    rc, out, _err = _text().cmd("list tables")
+    names = [line.split()[1:] for line in out.splitlines() if line.startswith("table ")] \
+        if rc == 0 else []
     objects: list[dict[str, Any]] = []
-    for obj in tables:
-        t = obj.get("table")
-        if not t or (t.get("family"), t.get("name")) == (NFT_FAMILY, NFT_TABLE):
+    for family_name in names:
+        if len(family_name) != 2 or tuple(family_name) == (NFT_FAMILY, NFT_TABLE):
             continue
-        rc, out, _err = _nft().json_cmd(
-            {"nftables": [{"list": {"table": {"family": t["family"], "name": t["name"]}}}]})
-        if rc == 0 and isinstance(out, dict):  # a table deleted meanwhile is skipped
-            objects += [o for o in out.get("nftables", []) if "metainfo" not in o]
+        family, name = family_name
+        try:
+            rc, listing, _err = _nft().json_cmd(
+                {"nftables": [{"list": {"table": {"family": family, "name": name}}}]})
+        except ValueError:  # the binding's own json.loads of garbled output
+            continue
+        if rc == 0 and isinstance(listing, dict):
+            objects += [o for o in listing.get("nftables", []) if "metainfo" not in o]
     return objects
 
 

@@ -120,7 +120,7 @@ class Tracer:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         self.nflog = NflogSocket()
-        if nft.list_json(f"list table {NFT_FAMILY} {TABLE}") is not None:
+        if nft.table_exists(NFT_FAMILY, TABLE):
             try:  # left by a trace that could not clean up (its owner flag died with it)
                 nft.run_json([delete_table_command()])
             except KernelError:
