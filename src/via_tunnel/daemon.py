@@ -412,10 +412,11 @@ def run(socket_path: str | None = None, config_path: str | None = None) -> int:
     settings = Settings.from_env()
     os.umask(0o022)
     os.chdir("/")
-    from via_tunnel import netlink, nft  # noqa: F401  (preload: cold launches stay fast)
+    from via_tunnel import netlink, nft  # (preload: cold launches stay fast)
 
     with contextlib.suppress(Exception):
-        import pyroute2  # noqa: F401
+        netlink.preload()
+        nft.preload()
 
     daemon = Daemon(settings, config_path, policy)
     listener = systemd_socket()

@@ -279,10 +279,10 @@ def dump_rules() -> list[object]:
     from via_tunnel.doctor_rules import IpRule
 
     rules: list[object] = []
-    with netlink.open_iproute() as ipr:
+    with netlink.open_rtnl() as rt:
         for family in (AF_INET, AF_INET6):
             try:
-                msgs = list(ipr.get_rules(family=family))
+                msgs = rt.rules(family)
             except Exception:  # IPv6 disabled: no v6 rules to judge
                 if family == AF_INET:
                     raise

@@ -81,14 +81,14 @@ def load_gateway_table(tun: str) -> tuple[dict[str, Any], str]:
 
 
 def iface_facts(name: str) -> IfFacts:
-    """Index, MTU and addresses of ``name`` (pyroute2; imported here, it is slow)."""
-    from via_tunnel.netlink import lookup_link, open_iproute
+    """Index, MTU and addresses of ``name`` (rtnetlink; imported here, it is slow)."""
+    from via_tunnel.netlink import lookup_link, open_rtnl
 
-    with open_iproute() as ipr:
-        index, link = lookup_link(ipr, name)
+    with open_rtnl() as rt:
+        index, link = lookup_link(rt, name)
         v4: list[Addr4] = []
         v6: list[str] = []
-        for a in ipr.get_addr(index=index):
+        for a in rt.addresses(index):
             address = a.get_attr("IFA_ADDRESS")
             if a["family"] == AF_INET:
                 local = a.get_attr("IFA_LOCAL") or address

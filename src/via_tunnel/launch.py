@@ -1,7 +1,7 @@
 """``via-tunnel [OPTIONS] IFACE [--] CMD [ARG...]``: the hot path.
 
 Kept free of heavy imports: a warm launch (the group already exists) reads one record,
-writes one PID into ``cgroup.procs`` and execs; pyroute2 and libnftables are imported only
+writes one PID into ``cgroup.procs`` and execs; rtnetlink and libnftables are imported only
 when a group has to be created. CMD replaces this process (same PID, exit status, signals,
 terminal), so no Python process stays resident per launched program.
 """

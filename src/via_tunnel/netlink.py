@@ -1,4 +1,5 @@
-"""Thin adapter over pyroute2: read interface facts, apply and remove routes and rules.
+"""Thin adapter over rtnetlink (rtnl.py): read interface facts, apply and remove routes
+and rules.
 
 Adds tolerate "already exists" and deletes tolerate "not there", so applying or removing a
 plan twice is harmless (cleanup may repeat work a crashed run half did).
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from socket import AF_INET, AF_INET6
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from via_tunnel.errors import KernelError, ViaTunnelError
 from via_tunnel.plan import LinkFacts, RouteSpec, RuleSpec
+
+if TYPE_CHECKING:
+    from via_tunnel.rtnl import Rtnl
 
 IFF_UP = 0x1
 IFF_POINTOPOINT = 0x10
@@ -21,47 +25,50 @@ IFF_LOWER_UP = 0x10000
 MAIN_TABLE = 254
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
+RTN_UNREACHABLE = 7
+_KINDS = {"unicast": RTN_UNICAST, "unreachable": RTN_UNREACHABLE}
 
 _ADD_OK = {errno.EEXIST}
 _DEL_OK = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
 
 
-def open_iproute() -> Any:
-    """An rtnetlink socket (pyroute2 ``IPRoute``), imported lazily: it is the slow part."""
-    from via_tunnel.pyroute2_lazy import iproute_class
+def open_rtnl() -> Rtnl:
+    """An rtnetlink socket, imported lazily (the message classes are the slow part)."""
+    from via_tunnel.rtnl import Rtnl
 
-    return iproute_class()()
-
-
-def _table(msg: Any) -> int:
-    return int(msg.get_attr("RTA_TABLE") or msg.get("table"))
+    return Rtnl()
 
 
-def lookup_link(ipr: Any, name: str) -> tuple[int, Any]:
+def preload() -> None:
+    """Import the rtnetlink message classes now, before they are needed."""
+    import via_tunnel.rtnl  # noqa: F401
+
+
+def lookup_link(rt: Rtnl, name: str) -> tuple[int, Any]:
     """The index and RTM_NEWLINK message of interface ``name``; one clear error if absent."""
-    idx = ipr.link_lookup(ifname=name)
-    if not idx:
+    link = rt.link(name)
+    if link is None:
         raise ViaTunnelError(f"interface {name} does not exist")
-    return idx[0], next(iter(ipr.get_links(idx[0])))
+    return int(link["index"]), link
 
 
 def link_facts(name: str) -> LinkFacts:
     """Gather what planning needs about interface ``name``; raise if it does not exist."""
-    with open_iproute() as ipr:
-        index, link = lookup_link(ipr, name)
+    with open_rtnl() as rt:
+        index, link = lookup_link(rt, name)
         flags = int(link["flags"])
         has_l2 = bool(link.get_attr("IFLA_ADDRESS"))
         v4: list[str] = []
         v6: list[str] = []
-        for a in ipr.get_addr(index=index):
+        for a in rt.addresses(index):
             addr = a.get_attr("IFA_ADDRESS")
             if a["family"] == AF_INET:
                 v4.append(f"{a.get_attr('IFA_LOCAL') or addr}/{a['prefixlen']}")
             elif a["family"] == AF_INET6 and a["scope"] == 0:  # scope global (not is_global:
                 # that excludes documentation and ULA prefixes, which are real on tunnels)
                 v6.append(f"{addr}/{a['prefixlen']}")
-        gw4, conn4 = _main_routes(ipr, AF_INET, index)
-        gw6, conn6 = _main_routes(ipr, AF_INET6, index)
+        gw4, conn4 = _main_routes(rt, AF_INET, index)
+        gw6, conn6 = _main_routes(rt, AF_INET6, index)
     return LinkFacts(
         name=name, index=index,
         up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
@@ -71,14 +78,12 @@ def link_facts(name: str) -> LinkFacts:
     )
 
 
-def _main_routes(ipr: Any, family: int, index: int) -> tuple[str | None, list[str]]:
+def _main_routes(rt: Rtnl, family: int, index: int) -> tuple[str | None, list[str]]:
     """The best next hop through ``index`` in the main table, and its link routes."""
     best: tuple[int, str] | None = None
     connected: list[str] = []
-    for r in ipr.get_routes(family=family, table=MAIN_TABLE):
-        if r.get_attr("RTA_OIF") != index or _table(r) != MAIN_TABLE:
-            continue
-        if r["type"] != RTN_UNICAST:
+    for r in _routes_or_none(rt, family, MAIN_TABLE):
+        if r.get_attr("RTA_OIF") != index or r["type"] != RTN_UNICAST:
             continue
         gw = r.get_attr("RTA_GATEWAY")
         plen = int(r["dst_len"])
@@ -93,15 +98,35 @@ def _main_routes(ipr: Any, family: int, index: int) -> tuple[str | None, list[st
     return (best[1] if best else None), connected
 
 
-def _route_args(spec: RouteSpec) -> dict[str, Any]:
-    dst = ("0.0.0.0/0" if spec.family == AF_INET else "::/0") if spec.dst == "default" else spec.dst
-    args: dict[str, Any] = {"family": spec.family, "dst": dst, "table": spec.table,
-                            "priority": spec.metric, "type": spec.kind}
-    if spec.oif is not None:
-        args["oif"] = spec.oif
-    if spec.gateway:
-        args["gateway"] = spec.gateway
-    return args
+def _routes_or_none(rt: Rtnl, family: int, table: int | None) -> list[Any]:
+    """The routes of ``family`` (in ``table``); none where the family is off (IPv6
+    disabled answers the dump with EAFNOSUPPORT)."""
+    from via_tunnel.rtnl import NetlinkError
+
+    try:
+        return rt.routes(family, table)
+    except NetlinkError as exc:
+        if family == AF_INET6 and exc.code == errno.EAFNOSUPPORT:
+            return []
+        raise KernelError(f"cannot list routes: {exc}") from exc
+
+
+def _dst(spec: RouteSpec) -> tuple[str | None, int]:
+    if spec.dst == "default":
+        return None, 0
+    net = ipaddress.ip_network(spec.dst, strict=False)
+    return str(net.network_address), net.prefixlen
+
+
+def _tolerating(codes: set[int], what: str, call: Callable[..., None], **kwargs: Any) -> None:
+    """Run one netlink change; errnos in ``codes`` mean "already so" and are fine."""
+    from via_tunnel.rtnl import NetlinkError
+
+    try:
+        call(what=what, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise KernelError(f"cannot {exc.strerror}") from exc
 
 
 def _rule_args(spec: RuleSpec) -> dict[str, Any]:
@@ -109,70 +134,52 @@ def _rule_args(spec: RuleSpec) -> dict[str, Any]:
             "fwmask": spec.fwmask, "table": spec.table}
 
 
-def _tolerating(codes: set[int], what: str, call: Any, *args: Any, **kwargs: Any) -> None:
-    """Run one netlink change; errnos in ``codes`` mean "already so" and are fine."""
-    from via_tunnel.pyroute2_lazy import netlink_error
-
-    try:
-        call(*args, **kwargs)
-    except netlink_error() as exc:
-        if getattr(exc, "code", None) not in codes:
-            raise KernelError(f"cannot {what}: {exc}") from exc
-
-
 def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
     """Add routes first, then rules: a rule never points at a table not yet filled."""
-    with open_iproute() as ipr:
+    with open_rtnl() as rt:
         for route in routes:
-            _tolerating(_ADD_OK, f"add route {route}", ipr.route, "add", **_route_args(route))
+            dst, dst_len = _dst(route)
+            _tolerating(_ADD_OK, f"add route {route}", rt.add_route, family=route.family,
+                        table=route.table, dst=dst, dst_len=dst_len, kind=_KINDS[route.kind],
+                        oif=route.oif, gateway=route.gateway, metric=route.metric)
         for rule in rules:
-            _tolerating(_ADD_OK, f"add ip rule {rule}", ipr.rule, "add", **_rule_args(rule))
+            _tolerating(_ADD_OK, f"add ip rule {rule}", rt.add_rule, **_rule_args(rule))
 
 
 def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
     """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely)."""
-    with open_iproute() as ipr:
+    with open_rtnl() as rt:
         for rule in rules:
-            _tolerating(_DEL_OK, f"remove ip rule {rule}", ipr.rule, "del", **_rule_args(rule))
+            _tolerating(_DEL_OK, f"remove ip rule {rule}", rt.delete_rule, **_rule_args(rule))
         for table in tables:
             for family in (AF_INET, AF_INET6):
-                for r in list(ipr.get_routes(family=family, table=table)):
-                    if _table(r) == table:
-                        _tolerating(_DEL_OK, "remove route", ipr.route, "del",
-                                    **_dump_to_del(r, family, table))
-
-
-def _dump_to_del(r: Any, family: int, table: int) -> dict[str, Any]:
-    dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == AF_INET else "::")
-    args: dict[str, Any] = {"family": family, "table": table, "dst": f"{dst}/{r['dst_len']}",
-                            "type": r["type"]}
-    prio = r.get_attr("RTA_PRIORITY")
-    if prio is not None:
-        args["priority"] = prio
-    oif = r.get_attr("RTA_OIF")
-    if oif is not None:
-        args["oif"] = oif
-    return args
+                for r in _routes_or_none(rt, family, table):
+                    _tolerating(_DEL_OK, "remove route", rt.delete_route, family=family,
+                                table=table, dst=r.get_attr("RTA_DST"),
+                                dst_len=int(r["dst_len"]), kind=int(r["type"]),
+                                oif=r.get_attr("RTA_OIF"), metric=r.get_attr("RTA_PRIORITY"))
 
 
 def our_rules_and_tables(
     rules: Iterable[RuleSpec], tables: Iterable[int]
 ) -> tuple[list[RuleSpec], list[int]]:
     """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps)."""
+    from via_tunnel.rtnl import route_table
+
     wanted = {(r.family, r.priority, r.fwmark, r.fwmask, r.table): r for r in rules}
     table_set = set(tables)
     found_rules: list[RuleSpec] = []
     found_tables: set[int] = set()
-    with open_iproute() as ipr:
+    with open_rtnl() as rt:
         for family in (AF_INET, AF_INET6):
-            for msg in ipr.get_rules(family=family):
+            for msg in rt.rules(family):
                 key = (family, msg.get_attr("FRA_PRIORITY") or 0,
                        msg.get_attr("FRA_FWMARK") or 0, msg.get_attr("FRA_FWMASK") or 0,
                        msg.get_attr("FRA_TABLE") or msg["table"])
                 if key in wanted:
                     found_rules.append(wanted[key])
-            for r in ipr.get_routes(family=family):  # every table (table=0 matched none)
-                t = _table(r)
+            for r in _routes_or_none(rt, family, None):
+                t = route_table(r)
                 if t in table_set:
                     found_tables.add(t)
     return found_rules, sorted(found_tables)

@@ -1,9 +1,9 @@
-"""Import the two pieces of pyroute2 we use without running its package ``__init__``.
+"""Import the pieces of pyroute2 we use without running its package ``__init__``.
 
 ``pyroute2/__init__.py`` only re-exports every part of the library (IPDB, NDB, conntrack,
 wireless, ipvs, plan9, ...); importing it costs ~75 ms, more than half of a cold launch.
-The netlink core we need costs about half that. So we register the package without
-executing its ``__init__``; should any code later ask the package itself for a name
+The rtnetlink message classes we use (rtnl.py) cost a fraction. So we register the
+package without executing its ``__init__``; should any code later ask the package itself for a name
 (``from pyroute2 import X``), a module ``__getattr__`` runs the real ``__init__`` then, so
 nothing breaks -- it is only paid for when used.
 """
@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 
-def _register_package() -> None:
+def register_package() -> None:
+    """Make ``import pyroute2.X`` work without running ``pyroute2/__init__``."""
     if "pyroute2" in sys.modules:
         return
     import importlib
@@ -42,19 +43,3 @@ def _register_package() -> None:
 
     pkg.__getattr__ = __getattr__  # type: ignore[method-assign]
     sys.modules["pyroute2"] = pkg
-
-
-def iproute_class() -> Any:
-    """``pyroute2.iproute.linux.IPRoute``."""
-    _register_package()
-    from pyroute2.iproute.linux import IPRoute
-
-    return IPRoute
-
-
-def netlink_error() -> type[Exception]:
-    """``pyroute2.netlink.exceptions.NetlinkError`` (carries ``.code``, an errno)."""
-    _register_package()
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    return NetlinkError  # type: ignore[no-any-return]
