@@ -116,3 +116,30 @@ def test_refusals_are_one_clear_error(lab: Lab) -> None:
     assert out[0].startswith("error: cannot add route") and "No such device" in out[0]
     assert out[1] == "error: interface nope0 does not exist"
     assert lab.snapshot(lab.client) == before
+
+
+DUMPS = r"""
+import json
+from socket import AF_INET, AF_INET6
+from via_tunnel.rtnl import Rtnl
+with Rtnl() as rt:
+    print(json.dumps({
+        "main4": sorted(str(r.get_attr("RTA_DST") or "default") for r in rt.routes(AF_INET, 254)),
+        "main6": len(rt.routes(AF_INET6, 254)),
+        "absent": [len(rt.routes(f, 12345)) for f in (AF_INET, AF_INET6)],
+        "all4": len(rt.routes(AF_INET)),
+        "eth0": sorted(a.get_attr("IFA_ADDRESS") for a in rt.addresses(
+            rt.link("eth0")["index"])),
+    }))
+"""
+
+
+def test_dumps_filtered_by_table_and_interface_match_iproute2(lab: Lab) -> None:
+    got = json.loads(lab.run(lab.client, [sys.executable, "-c", DUMPS]).stdout)
+    main4 = ip(lab, "-4", "route", "show", "table", "main")
+    assert got["main4"] == sorted(r["dst"].split("/")[0] for r in main4)
+    assert got["main6"] == len(ip(lab, "-6", "route", "show", "table", "main"))
+    assert got["absent"] == [0, 0]  # a table that does not exist holds no routes
+    assert got["all4"] == len(ip(lab, "-4", "route", "show", "table", "all"))
+    addrs = ip(lab, "addr", "show", "eth0")[0]["addr_info"]
+    assert got["eth0"] == sorted(a["local"] for a in addrs)

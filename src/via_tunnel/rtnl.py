@@ -11,6 +11,8 @@ a change either succeeds or raises :class:`NetlinkError` carrying the kernel's e
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import struct
@@ -48,6 +50,8 @@ RT_SCOPE_NOWHERE = 255  # in a delete: any scope
 RT_TABLE_UNSPEC = 0
 FR_ACT_TO_TBL = 1
 
+SOL_NETLINK = 270
+NETLINK_GET_STRICT_CHK = 12
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port id
 _RECV_SIZE = 1 << 18  # a dump's datagrams are at most 32 KiB
 
@@ -67,6 +71,12 @@ class Rtnl:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                    socket.NETLINK_ROUTE)
         self._sock.bind((0, 0))
+        # Let the kernel filter dumps by the header and attributes we send (the table of
+        # a route dump, the interface of an address dump), so a host with a full routing
+        # table does not stream it all through Python. Kernels before 4.20 ignore the
+        # option and the filters; the callers filter again.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         self._seq = 0
 
     def __enter__(self) -> Rtnl:
@@ -109,7 +119,11 @@ class Rtnl:
                     if error:
                         raise NetlinkError(-error, what)
                     return
-                if msg_type == NLMSG_DONE:
+                if msg_type == NLMSG_DONE:  # a dump that failed half-way says so here
+                    if len(chunk) >= _HEADER.size + 4:
+                        (error,) = struct.unpack_from("=i", chunk, _HEADER.size)
+                        if error < 0:
+                            raise NetlinkError(-error, what)
                     return
                 msg = cls(chunk)
                 msg.decode()
@@ -144,14 +158,24 @@ class Rtnl:
 
     def addresses(self, index: int) -> list[Any]:
         """The addresses (both families) of interface ``index``."""
-        return [a for a in self._dump(ifaddrmsg(), RTM_GETADDR, "list addresses")
+        msg = ifaddrmsg()
+        msg["index"] = index
+        return [a for a in self._dump(msg, RTM_GETADDR, "list addresses")
                 if a["index"] == index]
 
     def routes(self, family: int, table: int | None = None) -> list[Any]:
         """The routes of ``family``, of ``table`` only when given (None: every table)."""
         msg = rtmsg()
         msg["family"] = family
-        out = self._dump(msg, RTM_GETROUTE, "list routes")
+        if table is not None:
+            msg["table"] = table if table < 256 else RT_TABLE_UNSPEC
+            msg["attrs"] = [("RTA_TABLE", table)]
+        try:
+            out = self._dump(msg, RTM_GETROUTE, "list routes")
+        except NetlinkError as exc:
+            if table is not None and exc.code == errno.ENOENT:  # no such table: no routes
+                return []
+            raise
         return out if table is None else [r for r in out if route_table(r) == table]
 
     def rules(self, family: int) -> list[Any]:
