@@ -19,6 +19,7 @@ from via_tunnel.doctor_checks import (
     rp_filter_verdict,
 )
 from via_tunnel.doctor_iface import facts_verdicts
+from via_tunnel.doctor_marks import bits_set, check_foreign_marks
 from via_tunnel.doctor_rules import (
     FR_ACT_BLACKHOLE,
     IpRule,
@@ -302,3 +303,48 @@ def test_missing_tools_are_warned_about_with_the_package(tmp_path: Path) -> None
     assert got["tool-conntrack"].status == "warn"
     assert got["tool-conntrack"].fix == "apt install conntrack"
 
+
+
+# ----------------------------------------------------------------- foreign nft marks
+
+META_MARK = {"meta": {"key": "mark"}}
+
+
+@pytest.mark.parametrize(("value", "bits"), [
+    (0x80000001, 0x80000001),
+    (0x00080000, 0x00080000),
+    (META_MARK, 0),  # meta mark set meta mark: nothing new
+    ({"ct": {"key": "mark"}}, 0),  # a copy of the connection mark
+    ({"|": [META_MARK, 0x80000000]}, 0x80000000),
+    ({"&": [META_MARK, 0x00FFFFFF]}, 0),  # clearing bits turns none on
+    ({"|": [{"&": [META_MARK, 0xFF00FFFF]}, 0x00040000]}, 0x00040000),  # Tailscale-like
+    ({"^": [META_MARK, 0x80000000]}, 0x80000000),
+    ({"map": {"key": {"meta": {"key": "iifname"}}, "data": "@m"}}, None),  # unknown
+    ({"|": [META_MARK, {"jhash": {}}]}, None),
+    (True, None),
+])
+def test_bits_a_mark_statement_may_turn_on(value: object, bits: int | None) -> None:
+    assert bits_set(value) == bits
+
+
+def _rule(*expr: object, table: str = "t") -> dict[str, object]:
+    return {"rule": {"family": "inet", "table": table, "chain": "c", "handle": 4,
+                     "expr": list(expr)}}
+
+
+def _mangle(kind: str, value: object) -> dict[str, object]:
+    return {"mangle": {"key": {kind: {"key": "mark"}}, "value": value}}
+
+
+def test_foreign_marks_verdicts() -> None:
+    fine = [_rule(_mangle("meta", 0x40000)), _rule({"accept": None}),
+            _rule(_mangle("meta", {"map": {}})), {"table": {"name": "t"}}]
+    checks = check_foreign_marks(fine)
+    assert [(c.name, c.status) for c in checks] == [("nft-marks", OK)]
+    assert "(3 rules read)" in checks[0].detail
+    bad = check_foreign_marks([*fine, _rule(_mangle("ct", 0x80000000), table="x"),
+                               _rule(_mangle("meta", {"|": [META_MARK, 1 << 31]}))])
+    assert [(c.name, c.status) for c in bad] == [("nft-marks", FAIL)] * 2
+    assert bad[0].detail.startswith("table inet x chain c (handle 4) sets bit 31 of the "
+                                    "connection mark")
+    assert "packet mark" in bad[1].detail and all(c.fix for c in bad)

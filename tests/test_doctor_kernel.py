@@ -119,6 +119,7 @@ def test_clean_lab_no_fail_and_doctor_changes_nothing(lab: Lab, denv: dict[str, 
     names = {c["name"] for c in checks}
     for want in ("cgroup2", "nft-binding", "kernel:socket-cgroupv2", "kernel:nat",
                  "kernel:conntrack-marks", "kernel:ruleset", "rp_filter", "ip-rules",
+                 "nft-marks",
                  "networkd", "leftovers", "daemon", "iface:up", "iface:ipv4", "iface:ipv6",
                  "iface:nexthop", "iface:mtu", "iface:rp_filter"):
         assert want in names
@@ -227,6 +228,42 @@ def test_neighbours_coexist(lab: Lab, denv: dict[str, str]) -> None:
         for rule in rules:
             ip(lab, "rule", "del", *rule)
         ip(lab, "route", "del", "default", "dev", "tun0", "table", "51820")
+
+
+@pytest.mark.parametrize(("statement", "which"), [
+    ("meta mark set 0x80000001", "packet"),
+    ("ct mark set ct mark or 0x80000000", "connection"),
+])
+def test_a_foreign_table_setting_our_mark_bit_is_reported(
+        lab: Lab, denv: dict[str, str], statement: str, which: str) -> None:
+    """A table that sets bit 31 makes our kill switch drop its packets; the same table
+    setting marks outside our bits, and our own table (a live group's), are fine."""
+    rc, checks = doctor(lab, denv)
+    assert one(checks, "nft-marks")["status"] == "ok" and rc == 0
+    ruleset = f"""
+table ip vtmarker {{
+    chain out {{
+        type route hook output priority mangle; policy accept;
+        udp dport 9 meta mark set 0x00080000
+        tcp dport 9 {statement}
+    }}
+}}
+"""
+    lab.run(lab.client, ["nft", "-f", "-"], input=ruleset)
+    holder = via_popen(lab, denv, "tun0", "--", "sleep", "30")  # our table is there too
+    try:
+        wait_for(lambda: lab.run(lab.client, ["nft", "list", "table", "inet", "via_tunnel"],
+                                 check=False).returncode == 0, what="a group's table")
+        rc, checks = doctor(lab, denv)
+        found = named(checks, "nft-marks")
+        assert [c["status"] for c in found] == ["fail"], found
+        assert found[0]["detail"].startswith("table ip vtmarker chain out (handle ")
+        assert f"sets bit 31 of the {which} mark" in found[0]["detail"] and found[0]["fix"]
+        assert rc == 1
+    finally:
+        holder.terminate()
+        holder.wait(timeout=10)
+        lab.run(lab.client, ["nft", "delete", "table", "ip", "vtmarker"])
 
 
 # ----------------------------------------------------------------- rp_filter

@@ -37,6 +37,7 @@ def machine_checks() -> list[tuple[str, CheckFn]]:
         ("kernel", check_kernel_features),
         ("rp_filter", check_rp_filter),
         ("ip-rules", check_ip_rules),
+        ("nft-marks", check_nft_marks),
         ("networkd", check_networkd),
         ("leftovers", check_leftovers),
         ("daemon", check_daemon),
@@ -291,6 +292,17 @@ def dump_rules() -> list[object]:
                 attrs = {a[0]: a[1] for a in msg["attrs"]}
                 rules.append(IpRule.from_netlink(family, msg, attrs))
     return rules
+
+
+def check_nft_marks() -> list[Check]:
+    """No other nftables table sets our mark bit (doctor_marks.py)."""
+    from via_tunnel import nft
+    from via_tunnel.doctor_marks import check_foreign_marks
+
+    if not _root():
+        return [Check("nft-marks", WARN, "cannot read the nftables ruleset without root",
+                      NEEDS_ROOT)]
+    return check_foreign_marks(nft.others_ruleset())
 
 
 def check_ip_rules() -> list[Check]:
