@@ -108,8 +108,8 @@ class Rtnl:
             last = False
             while offset + _HEADER.size <= len(data):
                 length, msg_type, flags, msg_seq, _port = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    raise NetlinkError(71, f"{what}: malformed netlink answer")  # EPROTO
+                if length < _HEADER.size:  # a malformed answer: never from a kernel
+                    raise NetlinkError(errno.EPROTO, what)
                 chunk = data[offset:offset + length]
                 offset += length
                 if msg_seq != seq:
