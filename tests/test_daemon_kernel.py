@@ -308,8 +308,12 @@ def test_killed_daemon_loses_no_routing_and_its_successor_cleans_up(
     daemon.proc.wait(timeout=5)
     time.sleep(0.5)
     assert record.exists()  # nobody tore the group down...
-    daemon.start()  # ...and the new daemon adopts it
+    # What a daemon killed while writing another group's first record leaves.
+    half = record.parent / "eth0.json.tmp"
+    half.write_text('{"iface": "eth0", "sl')
+    daemon.start()  # ...and the new daemon adopts it, and sweeps the half-written record
     assert "adopted group vlan3" in daemon.log()
+    assert f"removed half-written {half}" in daemon.log() and not half.exists()
     out, err = p.communicate(timeout=20)
     assert (p.returncode, out.strip()) == (0, VETH), err
     wait_for(lambda: not record.exists(), timeout=10, what="the successor's teardown")

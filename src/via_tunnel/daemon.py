@@ -222,8 +222,11 @@ class Daemon:
             os.close(fd)
 
     def adopt(self) -> None:
-        """Watch every recorded group that nobody watches (after a restart or a crash)."""
+        """Watch every recorded group that nobody watches (after a restart or a crash),
+        and remove the half-written record of a predecessor killed while writing one."""
         with state.locked(self.settings):
+            for line in state.remove_orphan_tmp(self.settings):
+                log(line)
             for rec in state.load_all(self.settings):
                 if not state.watcher_alive(self.settings, rec.iface):
                     self.ensure_watcher(rec.iface)

@@ -170,6 +170,7 @@ def _remove_unrecorded(settings: Settings, iface: str) -> None:
     leaves its cgroup. Wait for that, briefly."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state.watcher_lock_path(settings, iface))
+    state.delete(settings, iface)  # the .tmp of a launcher killed while writing the record
     with contextlib.suppress(Exception):
         path = lifecycle.group_path(settings, cgroup.cgroup2_mount(), iface)
         deadline = time.monotonic() + 2
