@@ -194,6 +194,41 @@ def test_gateway_masquerades_forwards_tcp_and_udp_and_down_restores_everything(
     assert gw(vps, vt_env, "down", "tun0").stdout.strip() == "gateway tun0 is not up"
 
 
+@pytest.mark.parametrize(("tun", "dest", "port", "gw_addr", "from_behind"), [
+    # Through OpenVPN only from the VPS: the client's OpenVPN drops what a program sends
+    # through the tunnel to the VPS's own public address (its endpoint: "recursive routing").
+    ("tun0", Lab.CLIENT_TUN, 1000, Lab.GW_TUN, False),
+    ("vlan3", Lab.CLIENT_VETH, 2000, Lab.GW_VETH, True),
+])
+def test_a_forwarded_port_answers_at_the_wan_address_from_the_vps_and_the_tunnel(
+        vps: Lab, vt_env: dict[str, str], clean: dict[str, Any], tun: str, dest: str,
+        port: int, gw_addr: str, from_behind: bool) -> None:
+    """Hairpin: the public face works from the VPS itself (its own packets never pass
+    prerouting) and from behind the tunnel, here the client calling its own public face.
+    Both are masqueraded to the gateway's tunnel address: the listener would answer the
+    caller directly, or answer the WAN address, which the client's OpenVPN drops."""
+    gw(vps, vt_env, "up", tun, "--wan", "wan0",
+       "--forward", f"tcp:{port}:{dest}", "--forward", f"udp:{port}:{dest}")
+    p = listener(vps, vt_env, tun, port)
+    try:
+        for proto in ("tcp", "udp"):
+            ask = ["socat", "-T3", "-", f"{proto.upper()}:{WAN_ADDR}:{port}"]
+            here = vps.run(vps.gateway, ask, input="hi\n", timeout=10)
+            assert here.stdout.strip() == f"{proto} {gw_addr}", here.stderr
+            if from_behind:
+                behind = via(vps, vt_env, tun, "--", *ask, input="hi\n")
+                assert behind.stdout.strip() == f"{proto} {gw_addr}", behind.stderr
+    finally:
+        p.terminate()
+        p.wait(timeout=5)
+    (g,) = gw_status(vps, vt_env)
+    assert g["active"]
+    # Forwarded hairpin connections (tunnel to tunnel) are counted with their forward.
+    assert (g["forwards"][0]["counter"]["packets"] > 0) == from_behind
+    gw(vps, vt_env, "down", tun)
+    assert gw_snapshot(vps) == clean
+
+
 def test_up_twice_changes_nothing(vps: Lab, vt_env: dict[str, str], clean: Any) -> None:
     args = ("up", "tun0", "--wan", "wan0", "--forward", "tcp:1000-1005:192.0.2.50")
     gw(vps, vt_env, *args)

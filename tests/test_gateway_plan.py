@@ -179,15 +179,25 @@ def test_up_commands_create_numbered_objects_and_carry_names_as_data() -> None:
     p = _plan(["tcp:1000:192.0.2.50", "udp:2000-2010:192.0.2.50"], gw_id=7)
     cmds = up_commands(p, {})
     assert cmds[0] == {"add": {"table": {"family": "inet", "name": GW_TABLE}}}
-    assert _names(cmds, "add", "chain") == ["t7_dnat", "t7_forward", "t7_snat"]
+    assert _names(cmds, "add", "chain") == ["t7_dnat", "t7_forward", "t7_snat", "t7_local"]
     assert _names(cmds, "add", "counter") == ["t7_f0", "t7_f1", "t7_out", "t7_in"]
     rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
     dnats = [r for r in rules if r["chain"] == "t7_dnat"]
-    assert [r["expr"][-1] for r in dnats] == [
-        {"dnat": {"family": "ip", "addr": "192.0.2.50"}},
-        {"dnat": {"family": "ip", "addr": "192.0.2.50"}},
-    ]
-    assert dnats[1]["expr"][4]["match"]["right"] == {"range": [2000, 2010]}
+    to_dest = {"dnat": {"family": "ip", "addr": "192.0.2.50"}}
+    # Per forward: from WAN, and the hairpin from behind the tunnel to WAN's address.
+    assert [r["expr"][-1] for r in dnats] == [to_dest] * 4
+    assert [r["expr"][0]["match"]["right"] for r in dnats] == ["wan0", "tun0"] * 2
+    assert dnats[2]["expr"][4]["match"]["right"] == {"range": [2000, 2010]}
+    hairpin_daddr = {"match": {"op": "==", "right": "203.0.113.2",
+                               "left": {"payload": {"protocol": "ip", "field": "daddr"}}}}
+    assert hairpin_daddr in dnats[1]["expr"] and hairpin_daddr not in dnats[0]["expr"]
+    # This host's own connections to WAN's address and a forwarded port.
+    local = [r for r in rules if r["chain"] == "t7_local"]
+    assert [r["expr"] for r in local] == [r["expr"][1:] for r in dnats[1::2]]
+    snat = [r["expr"] for r in rules if r["chain"] == "t7_snat"]
+    assert {"masquerade": None} in snat[-1] and {"masquerade": None} in snat[-2]
+    assert [m["match"]["right"] for m in snat[-2][:2]] == ["tun0", "tun0"]  # hairpin
+    assert '"flags": ["saddr"]' in json.dumps(snat[-1])  # this host's own connections
     text = json.dumps(cmds)
     assert '"value": {"rt": {"key": "mtu"}}' in text  # MSS into the tunnel: the route's
     assert '"value": 1360' in text and '"value": 1340' in text  # out of it: 1400 - 40/60
@@ -204,7 +214,7 @@ def test_up_again_with_objects_present_replaces_them_in_one_transaction() -> Non
                "t1_dnat": "chain", "t1_f0": "counter"}
     cmds = up_commands(p, present)
     assert _names(cmds, "flush", "chain") == ["t2_dnat", "t2_forward", "t2_snat"]
-    assert _names(cmds, "add", "chain") == []
+    assert _names(cmds, "add", "chain") == ["t2_local"]  # new since that version
     assert _names(cmds, "delete", "counter") == ["t2_f0", "t2_f1", "t2_out"]
     assert _names(cmds, "add", "counter") == ["t2_f0", "t2_out", "t2_in"]
 

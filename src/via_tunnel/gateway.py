@@ -232,6 +232,9 @@ class GatewayPlan:
     mtu: int
     forwards: tuple[Forward, ...] = ()
     subnet6: tuple[str, ...] = ()  # the tunnel's global IPv6 prefixes, when WAN has v6 too
+    # WAN's IPv4 addresses: a forwarded port asked for at one of them from this host or
+    # from behind the tunnel (hairpin) goes to DEST too. Another `up` follows a change.
+    wan4: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -241,7 +244,7 @@ class GatewayPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tun": self.tun, "wan": self.wan, "id": self.id, "subnet": self.subnet,
-            "mtu": self.mtu, "subnet6": list(self.subnet6),
+            "mtu": self.mtu, "subnet6": list(self.subnet6), "wan4": list(self.wan4),
             "forwards": [f.spec() for f in self.forwards],
         }
 
@@ -251,6 +254,7 @@ class GatewayPlan:
             tun=str(data["tun"]), wan=str(data["wan"]), id=int(data["id"]),
             subnet=str(data["subnet"]), mtu=int(data["mtu"]),
             subnet6=tuple(str(s) for s in data.get("subnet6", [])),
+            wan4=tuple(str(a) for a in data.get("wan4", [])),
             forwards=tuple(parse_forward(s) for s in data.get("forwards", [])),
         )
 
@@ -282,13 +286,15 @@ def plan_gateway(cfg: GatewayConfig, tun: IfFacts, wan: IfFacts, gw_id: int) -> 
         subnet6 = tuple(sorted({str(ipaddress.IPv6Interface(a).network)
                                 for a in tun.ipv6_global}))
     return GatewayPlan(tun=cfg.tun, wan=cfg.wan, id=gw_id, subnet=str(subnet), mtu=tun.mtu,
-                       forwards=cfg.forwards, subnet6=subnet6)
+                       forwards=cfg.forwards, subnet6=subnet6,
+                       wan4=tuple(sorted({a.local for a in wan.ipv4})))
 
 
-def chain_names(gw_id: int) -> tuple[str, str, str]:
-    """``(dnat, forward, snat)`` chain names of tunnel ``gw_id`` (built from the int only)."""
+def chain_names(gw_id: int) -> tuple[str, str, str, str]:
+    """``(dnat, forward, snat, local)`` chain names of tunnel ``gw_id`` (built from the int
+    only); ``local`` DNATs this host's own connections to a forwarded port."""
     n = int(gw_id)
-    return f"t{n}_dnat", f"t{n}_forward", f"t{n}_snat"
+    return f"t{n}_dnat", f"t{n}_forward", f"t{n}_snat", f"t{n}_local"
 
 
 def counter_names(plan: GatewayPlan) -> list[str]:
@@ -322,24 +328,33 @@ def _rule(chain: str, expr: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _rules(plan: GatewayPlan) -> list[dict[str, Any]]:
-    dnat, fwd, snat = chain_names(plan.id)
+    dnat, fwd, snat, local = chain_names(plan.id)
     n = plan.id
     tun, wan = plan.tun, plan.wan
     net = ipaddress.IPv4Network(plan.subnet)
     rules: list[dict[str, Any]] = []
+    wan4 = plan.wan4[0] if len(plan.wan4) == 1 else {"set": list(plan.wan4)}
+    to_wan4 = [_match(_meta("nfproto"), "ipv4"),
+               _match({"payload": {"protocol": "ip", "field": "daddr"}}, wan4)]
     for f in plan.forwards:
         target: dict[str, Any] = {"family": "ip", "addr": f.dest}
         if f.dport is not None:
             target["port"] = f.dport
+        port = [_match(_meta("l4proto"), f.proto),
+                _match({"payload": {"protocol": "th", "field": "dport"}}, _ports(f.port)),
+                {"dnat": target}]
         rules.append(_rule(dnat, [
             _match(_meta("iifname"), wan),
             # Only packets addressed to this host: traffic routed through WAN is not ours.
             _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
             _match(_meta("nfproto"), "ipv4"),
-            _match(_meta("l4proto"), f.proto),
-            _match({"payload": {"protocol": "th", "field": "dport"}}, _ports(f.port)),
-            {"dnat": target},
+            *port,
         ]))
+        if plan.wan4:
+            # Hairpin: the public address and port asked for from behind the tunnel...
+            rules.append(_rule(dnat, [_match(_meta("iifname"), tun), *to_wan4, *port]))
+            # ...and from this host itself (its packets never pass prerouting).
+            rules.append(_rule(local, [*to_wan4, *port]))
     syn = _match({"payload": {"protocol": "tcp", "field": "flags"}}, "syn", "in")
     mss = {"tcp option": {"name": "maxseg", "field": "size"}}
     # Into the tunnel the route's MTU is the tunnel's; out of it the route is WAN's, so the
@@ -350,7 +365,8 @@ def _rules(plan: GatewayPlan) -> list[dict[str, Any]]:
         rules.append(_rule(fwd, [_match(_meta("iifname"), tun), _match(_meta("nfproto"), proto),
                                  syn, {"mangle": {"key": mss, "value": plan.mtu - overhead}}]))
     pair = {"concat": [_meta("iifname"), _meta("oifname")]}
-    both_ways = {"set": [{"concat": [wan, tun]}, {"concat": [tun, wan]}]}
+    both_ways = {"set": [{"concat": [wan, tun]}, {"concat": [tun, wan]},
+                         {"concat": [tun, tun]}]}  # the last: hairpin
     for i, f in enumerate(plan.forwards):
         # Both directions of each forwarded connection, counted per forward.
         rules.append(_rule(fwd, [
@@ -378,6 +394,16 @@ def _rules(plan: GatewayPlan) -> list[dict[str, Any]]:
     ]))
     for s in [src4, *src6]:
         rules.append(_rule(snat, [_match(_meta("oifname"), wan), s, {"masquerade": None}]))
+    # Hairpin connections are masqueraded to TUN's address: from behind the tunnel, or DEST
+    # would answer the caller directly; from this host, or DEST would answer WAN's address,
+    # which OpenVPN drops as recursive routing (it is the tunnel's own endpoint; seen here).
+    dnatted = _match({"ct": {"key": "status"}}, "dnat", "in")
+    rules.append(_rule(snat, [_match(_meta("iifname"), tun), _match(_meta("oifname"), tun),
+                              dnatted, {"masquerade": None}]))
+    rules.append(_rule(snat, [
+        _match(_meta("oifname"), tun),
+        _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"), dnatted,
+        {"masquerade": None}]))
     return rules
 
 
@@ -388,11 +414,12 @@ def up_commands(plan: GatewayPlan, present: dict[str, str]) -> list[dict[str, An
     previous setup of this tunnel is replaced (its chains flushed,
     its counters recreated) in the same transaction, so traffic never sees a half state.
     """
-    dnat, fwd, snat = chain_names(plan.id)
+    dnat, fwd, snat, local = chain_names(plan.id)
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": GW_FAMILY, "name": GW_TABLE}}}]
     for name, kind, hook, prio in ((dnat, "nat", "prerouting", -100),
                                    (fwd, "filter", "forward", 0),
-                                   (snat, "nat", "postrouting", 100)):
+                                   (snat, "nat", "postrouting", 100),
+                                   (local, "nat", "output", -100)):
         if name in present:
             cmds.append({"flush": _obj("chain", name=name)})
         else:
