@@ -341,7 +341,7 @@ def test_foreign_marks_verdicts() -> None:
             _rule(_mangle("meta", {"map": {}})), {"table": {"name": "t"}}]
     checks = check_foreign_marks(fine)
     assert [(c.name, c.status) for c in checks] == [("nft-marks", OK)]
-    assert "(3 rules read)" in checks[0].detail
+    assert "(3 rules read; " in checks[0].detail
     bad = check_foreign_marks([*fine, _rule(_mangle("ct", 0x80000000), table="x"),
                                _rule(_mangle("meta", {"|": [META_MARK, 1 << 31]}))])
     assert [(c.name, c.status) for c in bad] == [("nft-marks", FAIL)] * 2

@@ -195,9 +195,24 @@ def test_up_commands_create_numbered_objects_and_carry_names_as_data() -> None:
     local = [r for r in rules if r["chain"] == "t7_local"]
     assert [r["expr"] for r in local] == [r["expr"][1:] for r in dnats[1::2]]
     snat = [r["expr"] for r in rules if r["chain"] == "t7_snat"]
-    assert {"masquerade": None} in snat[-1] and {"masquerade": None} in snat[-2]
-    assert [m["match"]["right"] for m in snat[-2][:2]] == ["tun0", "tun0"]  # hairpin
-    assert '"flags": ["saddr"]' in json.dumps(snat[-1])  # this host's own connections
+    # Hairpin masquerade, per forward and only for it: to WAN's address and the forwarded
+    # port, from behind the tunnel and from this host. (Others' DNAT keeps its sources.)
+    def match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+        return {"match": {"op": op, "left": left, "right": right}}
+
+    meta = [{"meta": {"key": k}} for k in ("iifname", "oifname", "nfproto", "l4proto")]
+    ours = [match(meta[2], "ipv4"),
+            match({"ct": {"key": "daddr", "family": "ip", "dir": "original"}}, "203.0.113.2"),
+            match(meta[3], "tcp"),
+            match({"ct": {"key": "proto-dst", "dir": "original"}}, 1000),
+            {"masquerade": None}]
+    assert snat[-4] == [match(meta[0], "tun0"), match(meta[1], "tun0"), *ours]
+    assert snat[-3] == [match(meta[1], "tun0"),
+                        match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"), *ours]
+    assert [e[-2]["match"]["right"] for e in snat[-2:]] == [{"range": [2000, 2010]}] * 2
+    # WAN's recorded address must still be this host's for the hairpin DNAT to apply.
+    local_daddr = match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    assert all(local_daddr in r["expr"] for r in [*dnats, *local])
     text = json.dumps(cmds)
     assert '"value": {"rt": {"key": "mtu"}}' in text  # MSS into the tunnel: the route's
     assert '"value": 1360' in text and '"value": 1340' in text  # out of it: 1400 - 40/60

@@ -46,6 +46,8 @@ for action in sys.argv[3:]:
             netlink.apply([], [RouteSpec(2, plan.table, "default", oif=99999)])
         elif action == "missing":
             netlink.link_facts("nope0")
+        elif action == "altname":
+            netlink.link_facts("vtalt0")
     except ViaTunnelError as exc:
         print(f"error: {exc.message}")
 """
@@ -112,9 +114,18 @@ def test_apply_and_remove_are_exact_and_idempotent(lab: Lab, ipv6: str) -> None:
 
 def test_refusals_are_one_clear_error(lab: Lab) -> None:
     before = lab.snapshot(lab.client)
-    out = run(lab, "block", "bad-route", "missing")
+    lab.run(lab.client, ["ip", "link", "property", "add", "dev", "eth0", "altname", "vtalt0"])
+    try:
+        out = run(lab, "block", "bad-route", "missing", "altname")
+    finally:
+        lab.run(lab.client, ["ip", "link", "property", "del", "dev", "eth0", "altname",
+                             "vtalt0"])
     assert out[0].startswith("error: cannot add route") and "No such device" in out[0]
     assert out[1] == "error: interface nope0 does not exist"
+    # The kernel finds eth0 by its alternative name; our nft rules would match "vtalt0"
+    # against the real name and the kill switch would drop everything: refused.
+    assert out[2] == "error: vtalt0 is an alternative name of interface eth0: name eth0 " \
+                     "instead"
     assert lab.snapshot(lab.client) == before
 
 
@@ -123,13 +134,18 @@ import json
 from socket import AF_INET, AF_INET6
 from via_tunnel.rtnl import Rtnl
 with Rtnl() as rt:
+    main4 = sorted(str(r.get_attr("RTA_DST") or "default") for r in rt.routes(AF_INET, 254))
+    filtered = [rt.filtered]
+    eth0 = sorted(a.get_attr("IFA_ADDRESS") for a in rt.addresses(rt.link("eth0")["index"]))
+    filtered.append(rt.filtered)
     print(json.dumps({
-        "main4": sorted(str(r.get_attr("RTA_DST") or "default") for r in rt.routes(AF_INET, 254)),
+        "main4": main4, "eth0": eth0, "filtered": filtered,
         "main6": len(rt.routes(AF_INET6, 254)),
         "absent": [len(rt.routes(f, 12345)) for f in (AF_INET, AF_INET6)],
         "all4": len(rt.routes(AF_INET)),
-        "eth0": sorted(a.get_attr("IFA_ADDRESS") for a in rt.addresses(
-            rt.link("eth0")["index"])),
+        # A family the kernel lacks (as IPv6 is with ipv6.disable=1; 29 is unassigned):
+        # the kernel answers with every family's routes, none of which is of that family.
+        "nofamily": len(rt.routes(29, 254)),
     }))
 """
 
@@ -140,6 +156,8 @@ def test_dumps_filtered_by_table_and_interface_match_iproute2(lab: Lab) -> None:
     assert got["main4"] == sorted(r["dst"].split("/")[0] for r in main4)
     assert got["main6"] == len(ip(lab, "-6", "route", "show", "table", "main"))
     assert got["absent"] == [0, 0]  # a table that does not exist holds no routes
+    assert got["filtered"] == [True, True]  # the kernel did the filtering (strict checks)
+    assert got["nofamily"] == 0
     assert got["all4"] == len(ip(lab, "-4", "route", "show", "table", "all"))
     addrs = ip(lab, "addr", "show", "eth0")[0]["addr_info"]
     assert got["eth0"] == sorted(a["local"] for a in addrs)

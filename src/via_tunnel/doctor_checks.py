@@ -302,7 +302,11 @@ def check_nft_marks() -> list[Check]:
     if not _root():
         return [Check("nft-marks", WARN, "cannot read the nftables ruleset without root",
                       NEEDS_ROOT)]
-    return check_foreign_marks(nft.others_ruleset())
+    objects = nft.others_ruleset()
+    if objects is None:
+        return [Check("nft-marks", WARN, "cannot list the nftables ruleset",
+                      "check `nft list tables`")]
+    return check_foreign_marks(objects)
 
 
 def check_ip_rules() -> list[Check]:
@@ -509,10 +513,10 @@ def check_daemon() -> list[Check]:
     if isinstance(answer, dict) and answer.get("ok") is True:
         return [Check("daemon", OK, f"a daemon (version {answer.get('version')}) answers "
                                     f"at {path}")]
-    if isinstance(answer, dict) and "ok" in answer:  # a daemon from before the ping
-        return [Check("daemon", WARN, f"a daemon answers at {path} but not to a ping "
-                                      f"(an older version still running?)",
-                      "restart the daemon")]
+    if isinstance(answer, dict) and "ok" in answer:  # busy, or a daemon from before ping
+        return [Check("daemon", WARN, f"a daemon answers at {path} but refused a ping: "
+                                      f"{answer.get('error')}",
+                      "if it is busy, try again; an older version: restart it")]
     return [Check("daemon", WARN, f"{path}: {answer}", start)]
 
 

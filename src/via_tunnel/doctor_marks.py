@@ -5,7 +5,8 @@ connection mark has bit 31 for a group's: the kill switch drops it unless it lea
 group's interface, and our ip rules route it. So a foreign rule that sets bit 31 (``meta
 mark set 0x80000000``, ``ct mark set ct mark | 0x80000000``, ...) breaks the traffic it
 marks. The input is ``nft -j`` objects of the other tables (``nft.others_ruleset``); a
-value we cannot evaluate (a map lookup, a hash) is not reported: this check is best effort.
+value we cannot evaluate (a map lookup, a hash) is not reported, nor is iptables-nft's
+``MARK`` target (an ``xt`` expression nft cannot show): this check is best effort.
 """
 
 from __future__ import annotations
@@ -81,5 +82,6 @@ def check_foreign_marks(objects: Iterable[dict[str, Any]]) -> list[Check]:
                     "it set)"))
     if not out:
         out.append(Check("nft-marks", OK, f"no rule of another nftables table sets "
-                                          f"via-tunnel's mark bit ({rules} rules read)"))
+                                          f"via-tunnel's mark bit ({rules} rules read; "
+                                          f"iptables-nft MARK targets are not readable)"))
     return out

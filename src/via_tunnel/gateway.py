@@ -334,8 +334,11 @@ def _rules(plan: GatewayPlan) -> list[dict[str, Any]]:
     net = ipaddress.IPv4Network(plan.subnet)
     rules: list[dict[str, Any]] = []
     wan4 = plan.wan4[0] if len(plan.wan4) == 1 else {"set": list(plan.wan4)}
+    local_daddr = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    # WAN's address as recorded, and still this host's (after a change of address, an old
+    # one that now belongs to someone else must not be taken over until `up` runs again).
     to_wan4 = [_match(_meta("nfproto"), "ipv4"),
-               _match({"payload": {"protocol": "ip", "field": "daddr"}}, wan4)]
+               _match({"payload": {"protocol": "ip", "field": "daddr"}}, wan4), local_daddr]
     for f in plan.forwards:
         target: dict[str, Any] = {"family": "ip", "addr": f.dest}
         if f.dport is not None:
@@ -346,7 +349,7 @@ def _rules(plan: GatewayPlan) -> list[dict[str, Any]]:
         rules.append(_rule(dnat, [
             _match(_meta("iifname"), wan),
             # Only packets addressed to this host: traffic routed through WAN is not ours.
-            _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
+            local_daddr,
             _match(_meta("nfproto"), "ipv4"),
             *port,
         ]))
@@ -394,16 +397,20 @@ def _rules(plan: GatewayPlan) -> list[dict[str, Any]]:
     ]))
     for s in [src4, *src6]:
         rules.append(_rule(snat, [_match(_meta("oifname"), wan), s, {"masquerade": None}]))
-    # Hairpin connections are masqueraded to TUN's address: from behind the tunnel, or DEST
-    # would answer the caller directly; from this host, or DEST would answer WAN's address,
-    # which OpenVPN drops as recursive routing (it is the tunnel's own endpoint; seen here).
-    dnatted = _match({"ct": {"key": "status"}}, "dnat", "in")
-    rules.append(_rule(snat, [_match(_meta("iifname"), tun), _match(_meta("oifname"), tun),
-                              dnatted, {"masquerade": None}]))
-    rules.append(_rule(snat, [
-        _match(_meta("oifname"), tun),
-        _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"), dnatted,
-        {"masquerade": None}]))
+    # Hairpin connections (to WAN's address and a forwarded port, from behind the tunnel
+    # or from this host) are masqueraded to TUN's address: DEST would answer the caller
+    # directly, or answer WAN's address, which OpenVPN drops as recursive routing (it is
+    # the tunnel's own endpoint; seen here). Only ours: others' DNAT keeps its sources.
+    callers = ([_match(_meta("iifname"), tun), _match(_meta("oifname"), tun)],
+               [_match(_meta("oifname"), tun),
+                _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local")])
+    for f in plan.forwards if plan.wan4 else ():
+        ours = [_match(_meta("nfproto"), "ipv4"),
+                _match({"ct": {"key": "daddr", "family": "ip", "dir": "original"}}, wan4),
+                _match(_meta("l4proto"), f.proto),
+                _match({"ct": {"key": "proto-dst", "dir": "original"}}, _ports(f.port))]
+        for caller in callers:
+            rules.append(_rule(snat, [*caller, *ours, {"masquerade": None}]))
     return rules
 
 

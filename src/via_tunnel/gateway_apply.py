@@ -82,13 +82,13 @@ def load_gateway_table(tun: str) -> tuple[dict[str, Any], str]:
 
 def iface_facts(name: str) -> IfFacts:
     """Index, MTU and addresses of ``name`` (rtnetlink; imported here, it is slow)."""
-    from via_tunnel.netlink import lookup_link, open_rtnl
+    from via_tunnel.netlink import link_addresses, lookup_link, open_rtnl
 
     with open_rtnl() as rt:
         index, link = lookup_link(rt, name)
         v4: list[Addr4] = []
         v6: list[str] = []
-        for a in rt.addresses(index):
+        for a in link_addresses(rt, index, name):
             address = a.get_attr("IFA_ADDRESS")
             if a["family"] == AF_INET:
                 local = a.get_attr("IFA_LOCAL") or address
@@ -258,6 +258,7 @@ def up(cfg: GatewayConfig, settings: Settings) -> str:
     _require_root("up")
     paths = Paths(settings)
     with locked(paths):
+        state.remove_orphan_tmp_in((paths.dir,))  # of a run killed while writing
         tun = iface_facts(cfg.tun)
         wan = iface_facts(cfg.wan)
         states = load_states(paths)
@@ -282,7 +283,7 @@ def up(cfg: GatewayConfig, settings: Settings) -> str:
                             f"{f.proto} port {f.port[0]} of {plan.wan} is already forwarded "
                             f"by gateway {other} ({g.spec()})"
                         )
-        for w in foreign_warnings(nft.others_ruleset(), plan):
+        for w in foreign_warnings(nft.others_ruleset() or [], plan):
             warn(w)
         wanted = {*chain_names(gw_id), *counter_names(plan)}
         # Up twice changes nothing: same plan and exactly its objects in place.
@@ -313,6 +314,7 @@ def down(tun: str, settings: Settings) -> str:
     _require_root("down")
     paths = Paths(settings)
     with locked(paths):
+        state.remove_orphan_tmp_in((paths.dir,))
         states = load_states(paths)
         rec = states.pop(tun, None)
         if rec is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 from collections.abc import Callable, Iterable
 from socket import AF_INET, AF_INET6
 from typing import TYPE_CHECKING, Any
@@ -44,12 +45,39 @@ def preload() -> None:
     import via_tunnel.rtnl  # noqa: F401
 
 
+def families() -> tuple[int, ...]:
+    """The address families this kernel has: IPv6 is absent with ``ipv6.disable=1`` (then
+    no IPv6 packet can exist, and IPv6 rules and routes can neither be added nor needed)."""
+    return (AF_INET, AF_INET6) if os.path.isdir("/proc/sys/net/ipv6") else (AF_INET,)
+
+
 def lookup_link(rt: Rtnl, name: str) -> tuple[int, Any]:
-    """The index and RTM_NEWLINK message of interface ``name``; one clear error if absent."""
-    link = rt.link(name)
+    """The index and RTM_NEWLINK message of interface ``name``; one clear error if absent
+    or if ``name`` is only an alternative name (the nft rules match the real one)."""
+    from via_tunnel.rtnl import NetlinkError
+
+    try:
+        link = rt.link(name)
+    except NetlinkError as exc:
+        raise KernelError(f"cannot look up interface {name}: {exc.strerror}") from exc
     if link is None:
         raise ViaTunnelError(f"interface {name} does not exist")
+    real = link.get_attr("IFLA_IFNAME")
+    if real != name:
+        raise ViaTunnelError(f"{name} is an alternative name of interface {real}: "
+                             f"name {real} instead")
     return int(link["index"]), link
+
+
+def link_addresses(rt: Rtnl, index: int, name: str) -> list[Any]:
+    """The RTM_NEWADDR messages of interface ``index``; one clear error if the kernel
+    refuses (the interface vanished since it was looked up)."""
+    from via_tunnel.rtnl import NetlinkError
+
+    try:
+        return rt.addresses(index)
+    except NetlinkError as exc:
+        raise KernelError(f"cannot read the addresses of {name}: {exc.strerror}") from exc
 
 
 def link_facts(name: str) -> LinkFacts:
@@ -60,7 +88,7 @@ def link_facts(name: str) -> LinkFacts:
         has_l2 = bool(link.get_attr("IFLA_ADDRESS"))
         v4: list[str] = []
         v6: list[str] = []
-        for a in rt.addresses(index):
+        for a in link_addresses(rt, index, name):
             addr = a.get_attr("IFA_ADDRESS")
             if a["family"] == AF_INET:
                 v4.append(f"{a.get_attr('IFA_LOCAL') or addr}/{a['prefixlen']}")
@@ -68,7 +96,8 @@ def link_facts(name: str) -> LinkFacts:
                 # that excludes documentation and ULA prefixes, which are real on tunnels)
                 v6.append(f"{addr}/{a['prefixlen']}")
         gw4, conn4 = _main_routes(rt, AF_INET, index)
-        gw6, conn6 = _main_routes(rt, AF_INET6, index)
+        gw6, conn6 = _main_routes(rt, AF_INET6, index) if AF_INET6 in families() \
+            else (None, [])
     return LinkFacts(
         name=name, index=index,
         up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
@@ -99,16 +128,15 @@ def _main_routes(rt: Rtnl, family: int, index: int) -> tuple[str | None, list[st
 
 
 def _routes_or_none(rt: Rtnl, family: int, table: int | None) -> list[Any]:
-    """The routes of ``family`` (in ``table``); none where the family is off (IPv6
-    disabled answers the dump with EAFNOSUPPORT)."""
+    """The routes of ``family`` (in ``table``); none of a family this kernel lacks."""
     from via_tunnel.rtnl import NetlinkError
 
+    if family not in families():
+        return []
     try:
         return rt.routes(family, table)
     except NetlinkError as exc:
-        if family == AF_INET6 and exc.code == errno.EAFNOSUPPORT:
-            return []
-        raise KernelError(f"cannot list routes: {exc}") from exc
+        raise KernelError(f"cannot {exc.strerror}") from exc
 
 
 def _dst(spec: RouteSpec) -> tuple[str | None, int]:
@@ -135,26 +163,31 @@ def _rule_args(spec: RuleSpec) -> dict[str, Any]:
 
 
 def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
-    """Add routes first, then rules: a rule never points at a table not yet filled."""
+    """Add routes first, then rules: a rule never points at a table not yet filled. Those
+    of a family the kernel lacks are left out."""
+    have = families()
     with open_rtnl() as rt:
-        for route in routes:
+        for route in (r for r in routes if r.family in have):
             dst, dst_len = _dst(route)
             _tolerating(_ADD_OK, f"add route {route}", rt.add_route, family=route.family,
                         table=route.table, dst=dst, dst_len=dst_len, kind=_KINDS[route.kind],
                         oif=route.oif, gateway=route.gateway, metric=route.metric)
-        for rule in rules:
+        for rule in (r for r in rules if r.family in have):
             _tolerating(_ADD_OK, f"add ip rule {rule}", rt.add_rule, **_rule_args(rule))
 
 
 def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
     """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely)."""
+    have = families()
     with open_rtnl() as rt:
-        for rule in rules:
+        for rule in (r for r in rules if r.family in have):
             _tolerating(_DEL_OK, f"remove ip rule {rule}", rt.delete_rule, **_rule_args(rule))
         for table in tables:
-            for family in (AF_INET, AF_INET6):
+            for family in have:
                 for r in _routes_or_none(rt, family, table):
-                    _tolerating(_DEL_OK, "remove route", rt.delete_route, family=family,
+                    dst = f"{r.get_attr('RTA_DST') or 'default'}/{r['dst_len']}"
+                    _tolerating(_DEL_OK, f"remove route {dst} from table {table}",
+                                rt.delete_route, family=family,
                                 table=table, dst=r.get_attr("RTA_DST"),
                                 dst_len=int(r["dst_len"]), kind=int(r["type"]),
                                 oif=r.get_attr("RTA_OIF"), metric=r.get_attr("RTA_PRIORITY"))
@@ -163,23 +196,25 @@ def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
 def our_rules_and_tables(
     rules: Iterable[RuleSpec], tables: Iterable[int]
 ) -> tuple[list[RuleSpec], list[int]]:
-    """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps)."""
-    from via_tunnel.rtnl import route_table
+    """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps).
+    Each table is dumped on its own: the kernel filters, so a host with a full routing
+    table is not read through Python."""
+    from via_tunnel.rtnl import NetlinkError
 
     wanted = {(r.family, r.priority, r.fwmark, r.fwmask, r.table): r for r in rules}
-    table_set = set(tables)
     found_rules: list[RuleSpec] = []
     found_tables: set[int] = set()
     with open_rtnl() as rt:
-        for family in (AF_INET, AF_INET6):
-            for msg in rt.rules(family):
+        for family in families():
+            try:
+                msgs = rt.rules(family)
+            except NetlinkError as exc:
+                raise KernelError(f"cannot {exc.strerror}") from exc
+            for msg in msgs:
                 key = (family, msg.get_attr("FRA_PRIORITY") or 0,
                        msg.get_attr("FRA_FWMARK") or 0, msg.get_attr("FRA_FWMASK") or 0,
                        msg.get_attr("FRA_TABLE") or msg["table"])
                 if key in wanted:
                     found_rules.append(wanted[key])
-            for r in _routes_or_none(rt, family, None):
-                t = route_table(r)
-                if t in table_set:
-                    found_tables.add(t)
+            found_tables.update(t for t in tables if _routes_or_none(rt, family, t))
     return found_rules, sorted(found_tables)

@@ -124,17 +124,18 @@ def list_json(command: str) -> list[dict[str, Any]] | None:
     return [o for o in listing.get("nftables", []) if "metainfo" not in o]
 
 
-def others_ruleset() -> list[dict[str, Any]]:
+def others_ruleset() -> list[dict[str, Any]] | None:
     """Every table but ours, as ``nft -j list ruleset`` would give them (metainfo dropped).
 
     Ours is left out because libnftables cannot print it as JSON (see :func:`table_text`)
     and would write warnings to the user's terminal; so is a table the JSON printer
     garbles (an owned one, see there), and one deleted meanwhile. The names come from a
     text listing; each table is then listed by a JSON command, so no name read from the
-    kernel is spliced into command text."""
+    kernel is spliced into command text. None when the tables cannot be listed at all."""
     rc, out, _err = _text().cmd("list tables")
-    names = [line.split()[1:] for line in out.splitlines() if line.startswith("table ")] \
-        if rc == 0 else []
+    if rc != 0:
+        return None
+    names = [line.split()[1:] for line in out.splitlines() if line.startswith("table ")]
     objects: list[dict[str, Any]] = []
     for family_name in names:
         if len(family_name) != 2 or tuple(family_name) == (NFT_FAMILY, NFT_TABLE):

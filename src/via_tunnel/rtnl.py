@@ -30,7 +30,10 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/fib_rules.h>
 NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10  # the dumped table changed meanwhile: the dump may be inconsistent
+NLM_F_DUMP_FILTERED = 0x20  # the kernel applied the filter we sent
 NLM_F_DUMP = 0x300
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
@@ -54,6 +57,7 @@ SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port id
 _RECV_SIZE = 1 << 18  # a dump's datagrams are at most 32 KiB
+_DUMP_TRIES = 3
 
 
 class NetlinkError(OSError):
@@ -78,6 +82,8 @@ class Rtnl:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         self._seq = 0
+        self.interrupted = False  # the last dump was marked inconsistent by the kernel
+        self.filtered = False  # the kernel filtered the last dump (tests check this)
 
     def __enter__(self) -> Rtnl:
         return self
@@ -101,41 +107,49 @@ class Rtnl:
 
     def _answers(self, seq: int, cls: Any, what: str) -> Iterator[Any]:
         """The messages answering request ``seq``, decoded as ``cls``, until its end (an
-        ack, an error, DONE, or the one answer of a non-dump request)."""
+        ack, an error, DONE, or the one answer of a non-dump request). Sets
+        ``interrupted`` and ``filtered`` from the answers' flags."""
+        self.interrupted = self.filtered = False
         while True:
             data = self._sock.recv(_RECV_SIZE)
             offset = 0
             last = False
             while offset + _HEADER.size <= len(data):
                 length, msg_type, flags, msg_seq, _port = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:  # a malformed answer: never from a kernel
-                    raise NetlinkError(errno.EPROTO, what)
+                if length < _HEADER.size or offset + length > len(data):
+                    raise NetlinkError(errno.EPROTO, what)  # malformed: never from a kernel
                 chunk = data[offset:offset + length]
-                offset += length
+                offset += (length + 3) & ~3  # NLMSG_ALIGN
                 if msg_seq != seq:
                     continue  # the late end of an earlier request
-                if msg_type == NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", chunk, _HEADER.size)
-                    if error:
+                self.interrupted |= bool(flags & NLM_F_DUMP_INTR)
+                self.filtered |= bool(flags & NLM_F_DUMP_FILTERED)
+                if msg_type in (NLMSG_ERROR, NLMSG_DONE):
+                    # An error or ack; DONE carries the errno of a dump that failed half-way.
+                    error = (struct.unpack_from("=i", chunk, _HEADER.size)[0]
+                             if length >= _HEADER.size + 4 else 0)
+                    if error < 0:
                         raise NetlinkError(-error, what)
-                    return
-                if msg_type == NLMSG_DONE:  # a dump that failed half-way says so here
-                    if len(chunk) >= _HEADER.size + 4:
-                        (error,) = struct.unpack_from("=i", chunk, _HEADER.size)
-                        if error < 0:
-                            raise NetlinkError(-error, what)
+                    if msg_type == NLMSG_ERROR and length < _HEADER.size + 4:
+                        raise NetlinkError(errno.EPROTO, what)
                     return
                 msg = cls(chunk)
                 msg.decode()
                 yield msg
-                if not flags & 0x2:  # NLM_F_MULTI: not part of a dump, the only answer
+                if not flags & NLM_F_MULTI:  # not part of a dump: the only answer
                     last = True
             if last:
                 return
 
     def _dump(self, msg: Any, msg_type: int, what: str) -> list[Any]:
-        return list(self._answers(self._send(msg, msg_type, NLM_F_REQUEST | NLM_F_DUMP),
-                                  type(msg), what))
+        """Every answer of a dump. One the kernel marks inconsistent (the table changed
+        while it was being dumped) is asked for again, a few times."""
+        for _ in range(_DUMP_TRIES):
+            out = list(self._answers(self._send(msg, msg_type, NLM_F_REQUEST | NLM_F_DUMP),
+                                     type(msg), what))
+            if not self.interrupted:
+                break
+        return out
 
     def _change(self, msg: Any, msg_type: int, flags: int, what: str) -> None:
         seq = self._send(msg, msg_type, NLM_F_REQUEST | NLM_F_ACK | flags)
@@ -152,7 +166,7 @@ class Rtnl:
         try:
             return next(iter(self._answers(seq, ifinfmsg, f"look up {name}")), None)
         except NetlinkError as exc:
-            if exc.code == 19:  # ENODEV
+            if exc.code == errno.ENODEV:
                 return None
             raise
 
@@ -164,7 +178,9 @@ class Rtnl:
                 if a["index"] == index]
 
     def routes(self, family: int, table: int | None = None) -> list[Any]:
-        """The routes of ``family``, of ``table`` only when given (None: every table)."""
+        """The routes of ``family``, of ``table`` only when given (None: every table).
+        A family the kernel lacks (IPv6 with ``ipv6.disable=1``) has none: the kernel
+        answers such a dump with the routes of every family, so they are filtered here."""
         msg = rtmsg()
         msg["family"] = family
         if table is not None:
@@ -176,7 +192,8 @@ class Rtnl:
             if table is not None and exc.code == errno.ENOENT:  # no such table: no routes
                 return []
             raise
-        return out if table is None else [r for r in out if route_table(r) == table]
+        return [r for r in out if r["family"] == family
+                and (table is None or route_table(r) == table)]
 
     def rules(self, family: int) -> list[Any]:
         msg = fibmsg()

@@ -156,8 +156,14 @@ def remove_orphan_tmp(settings: Settings) -> list[str]:
     wrote its first record leaves one and nothing else). Call under :func:`locked`: every
     writer holds it, so no ``.tmp`` found then belongs to a live writer. Returns a line
     per file removed."""
+    return remove_orphan_tmp_in((settings.groups_dir, settings.state_dir))
+
+
+def remove_orphan_tmp_in(directories: tuple[str, ...]) -> list[str]:
+    """:func:`remove_orphan_tmp` for ``directories``; the caller holds the lock of every
+    writer to them."""
     done = []
-    for directory in (settings.groups_dir, settings.state_dir):
+    for directory in directories:
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
