@@ -84,6 +84,7 @@ class Daemon:
         wait_for(lambda: self.log().count("listening on") > seen or self.proc.poll() is not None,
                  timeout=10, what="the daemon to listen")
         assert self.proc.poll() is None, self.log()
+        assert os.path.exists(self.env["VIA_TUNNEL_SOCKET"])
         return self
 
     def log(self) -> str:

@@ -24,10 +24,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from daemon_lab import USER_PY, readable_package
+from daemon_lab import USER_PY, Daemon, readable_package
 from helpers import PACKAGE_PARENT, cgroup_leftovers, wait_for
 
 from via_tunnel.lab import Lab
@@ -86,34 +85,6 @@ def denv(vt_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
                       f'allow_groups = ["{users.group}"]\n')
     return {**vt_env, "VIA_TUNNEL_SOCKET": vt_env["VIA_TUNNEL_STATE_DIR"] + "/daemon.sock",
             "VIA_TUNNEL_CONFIG": str(config), "PYTHONPATH": user_pythonpath}
-
-
-class Daemon:
-    def __init__(self, lab: Lab, env: dict[str, str], log: Path) -> None:
-        self.lab, self.env, self.log_path = lab, env, log
-        self.proc: subprocess.Popen[Any] | None = None
-
-    def start(self) -> Daemon:
-        sock = self.env["VIA_TUNNEL_SOCKET"]
-        seen = self.log().count("listening on")
-        with open(self.log_path, "a") as log:
-            self.proc = self.lab.popen(self.lab.client,
-                                       [sys.executable, "-m", "via_tunnel", "daemon"],
-                                       env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=log)
-        wait_for(lambda: self.log().count("listening on") > seen or self.proc.poll() is not None,
-                 timeout=10, what="the daemon to listen")
-        assert self.proc.poll() is None, self.log()
-        assert os.path.exists(sock)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture

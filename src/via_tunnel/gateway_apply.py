@@ -19,7 +19,6 @@ import os
 import sys
 import time
 import tomllib
-from socket import AF_INET, AF_INET6
 from typing import Any
 
 from via_tunnel import nft, state, sysctl
@@ -50,7 +49,6 @@ from via_tunnel.names import validate_ifname
 from via_tunnel.settings import Settings, config_path
 
 PROC_SYS = "/proc/sys"
-RT_SCOPE_UNIVERSE = 0
 
 
 def warn(message: str) -> None:
@@ -86,21 +84,11 @@ def iface_facts(name: str) -> IfFacts:
 
     with open_rtnl() as rt:
         index, link = lookup_link(rt, name)
-        v4: list[Addr4] = []
-        v6: list[str] = []
-        for a in link_addresses(rt, index, name):
-            address = a.get_attr("IFA_ADDRESS")
-            if a["family"] == AF_INET:
-                local = a.get_attr("IFA_LOCAL") or address
-                # On a point-to-point address IFA_ADDRESS is the peer's, IFA_LOCAL ours.
-                peer = address if address and address != local else None
-                v4.append(Addr4(local=local, prefixlen=int(a["prefixlen"]), peer=peer))
-            elif a["family"] == AF_INET6 and a["scope"] == RT_SCOPE_UNIVERSE:
-                # The kernel's scope, not ipaddress.is_global: documentation and ULA
-                # prefixes route like any other.
-                v6.append(f"{address}/{a['prefixlen']}")
+        v4, v6 = link_addresses(rt, index, name)
     return IfFacts(name=name, index=index, mtu=int(link.get_attr("IFLA_MTU") or 1500),
-                   ipv4=tuple(v4), ipv6_global=tuple(v6))
+                   ipv4=tuple(Addr4(local=local, prefixlen=plen, peer=peer)
+                              for local, plen, peer in v4),
+                   ipv6_global=tuple(v6))
 
 
 # --------------------------------------------------------------------------- state

@@ -24,6 +24,7 @@ IFF_UP = 0x1
 IFF_POINTOPOINT = 0x10
 IFF_LOWER_UP = 0x10000
 MAIN_TABLE = 254
+RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 RTN_UNREACHABLE = 7
@@ -45,10 +46,17 @@ def preload() -> None:
     import via_tunnel.rtnl  # noqa: F401
 
 
+_families: tuple[int, ...] | None = None
+
+
 def families() -> tuple[int, ...]:
     """The address families this kernel has: IPv6 is absent with ``ipv6.disable=1`` (then
-    no IPv6 packet can exist, and IPv6 rules and routes can neither be added nor needed)."""
-    return (AF_INET, AF_INET6) if os.path.isdir("/proc/sys/net/ipv6") else (AF_INET,)
+    no IPv6 packet can exist, and IPv6 rules and routes can neither be added nor needed).
+    Looked up once per process."""
+    global _families
+    if _families is None:
+        _families = (AF_INET, AF_INET6) if os.path.isdir("/proc/sys/net/ipv6") else (AF_INET,)
+    return _families
 
 
 def lookup_link(rt: Rtnl, name: str) -> tuple[int, Any]:
@@ -69,15 +77,32 @@ def lookup_link(rt: Rtnl, name: str) -> tuple[int, Any]:
     return int(link["index"]), link
 
 
-def link_addresses(rt: Rtnl, index: int, name: str) -> list[Any]:
-    """The RTM_NEWADDR messages of interface ``index``; one clear error if the kernel
-    refuses (the interface vanished since it was looked up)."""
+def link_addresses(rt: Rtnl, index: int,
+                   name: str) -> tuple[list[tuple[str, int, str | None]], list[str]]:
+    """The addresses of interface ``index``: IPv4 as ``(local, prefixlen, peer)`` (peer:
+    the other end of a point-to-point address, else None) and global IPv6 as
+    ``"addr/len"``. One clear error if the kernel refuses (the interface vanished since it
+    was looked up)."""
     from via_tunnel.rtnl import NetlinkError
 
     try:
-        return rt.addresses(index)
+        msgs = rt.addresses(index)
     except NetlinkError as exc:
         raise KernelError(f"cannot read the addresses of {name}: {exc.strerror}") from exc
+    v4: list[tuple[str, int, str | None]] = []
+    v6: list[str] = []
+    for a in msgs:
+        address = a.get_attr("IFA_ADDRESS")
+        if a["family"] == AF_INET:
+            # On a point-to-point address IFA_ADDRESS is the peer's, IFA_LOCAL ours.
+            local = a.get_attr("IFA_LOCAL") or address
+            v4.append((local, int(a["prefixlen"]),
+                       address if address and address != local else None))
+        elif a["family"] == AF_INET6 and a["scope"] == RT_SCOPE_UNIVERSE:
+            # The kernel's scope, not ipaddress.is_global: documentation and ULA prefixes
+            # are real on tunnels and route like any other.
+            v6.append(f"{address}/{a['prefixlen']}")
+    return v4, v6
 
 
 def link_facts(name: str) -> LinkFacts:
@@ -86,32 +111,25 @@ def link_facts(name: str) -> LinkFacts:
         index, link = lookup_link(rt, name)
         flags = int(link["flags"])
         has_l2 = bool(link.get_attr("IFLA_ADDRESS"))
-        v4: list[str] = []
-        v6: list[str] = []
-        for a in link_addresses(rt, index, name):
-            addr = a.get_attr("IFA_ADDRESS")
-            if a["family"] == AF_INET:
-                v4.append(f"{a.get_attr('IFA_LOCAL') or addr}/{a['prefixlen']}")
-            elif a["family"] == AF_INET6 and a["scope"] == 0:  # scope global (not is_global:
-                # that excludes documentation and ULA prefixes, which are real on tunnels)
-                v6.append(f"{addr}/{a['prefixlen']}")
+        v4, v6 = link_addresses(rt, index, name)
         gw4, conn4 = _main_routes(rt, AF_INET, index)
-        gw6, conn6 = _main_routes(rt, AF_INET6, index) if AF_INET6 in families() \
-            else (None, [])
+        gw6, conn6 = _main_routes(rt, AF_INET6, index)
     return LinkFacts(
         name=name, index=index,
         up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
         pointopoint=bool(flags & IFF_POINTOPOINT) or not has_l2,
-        ipv4=tuple(v4), ipv6_global=tuple(v6), gateway4=gw4, gateway6=gw6,
+        ipv4=tuple(f"{local}/{plen}" for local, plen, _peer in v4), ipv6_global=tuple(v6),
+        gateway4=gw4, gateway6=gw6,
         connected4=tuple(conn4), connected6=tuple(conn6), mtu=link.get_attr("IFLA_MTU"),
     )
 
 
 def _main_routes(rt: Rtnl, family: int, index: int) -> tuple[str | None, list[str]]:
-    """The best next hop through ``index`` in the main table, and its link routes."""
+    """The best next hop through ``index`` in the main table, and its link routes (none of
+    a family the kernel lacks)."""
     best: tuple[int, str] | None = None
     connected: list[str] = []
-    for r in _routes_or_none(rt, family, MAIN_TABLE):
+    for r in _routes(rt, family, MAIN_TABLE):
         if r.get_attr("RTA_OIF") != index or r["type"] != RTN_UNICAST:
             continue
         gw = r.get_attr("RTA_GATEWAY")
@@ -127,7 +145,7 @@ def _main_routes(rt: Rtnl, family: int, index: int) -> tuple[str | None, list[st
     return (best[1] if best else None), connected
 
 
-def _routes_or_none(rt: Rtnl, family: int, table: int | None) -> list[Any]:
+def _routes(rt: Rtnl, family: int, table: int | None) -> list[Any]:
     """The routes of ``family`` (in ``table``); none of a family this kernel lacks."""
     from via_tunnel.rtnl import NetlinkError
 
@@ -184,7 +202,7 @@ def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
             _tolerating(_DEL_OK, f"remove ip rule {rule}", rt.delete_rule, **_rule_args(rule))
         for table in tables:
             for family in have:
-                for r in _routes_or_none(rt, family, table):
+                for r in _routes(rt, family, table):
                     dst = f"{r.get_attr('RTA_DST') or 'default'}/{r['dst_len']}"
                     _tolerating(_DEL_OK, f"remove route {dst} from table {table}",
                                 rt.delete_route, family=family,
@@ -216,5 +234,5 @@ def our_rules_and_tables(
                        msg.get_attr("FRA_TABLE") or msg["table"])
                 if key in wanted:
                     found_rules.append(wanted[key])
-            found_tables.update(t for t in tables if _routes_or_none(rt, family, t))
+            found_tables.update(t for t in tables if _routes(rt, family, t))
     return found_rules, sorted(found_tables)
