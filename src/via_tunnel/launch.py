@@ -214,8 +214,8 @@ def run(args: LaunchArgs) -> None:
                 if early is not None:
                     early.undo()
                 raise
-        _ensure_watcher(settings, args.iface, lock_fd)
-        if early is None:
+        if early is None:  # (a cold launch started its watcher above)
+            _ensure_watcher(settings, args.iface, lock_fd)
             cgroup.join(rec.cgroup)
         # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
     if rec.dns4 is None and rec.dns6 is None:
