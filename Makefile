@@ -73,7 +73,7 @@ uninstall:
 	fi
 
 completions:
-	$(GEN_PYTHON) -m via_tunnel.completion_gen
+	$(GEN_PYTHON) -m via_tunnel.cli.completion_gen
 
 check-completions:
-	$(GEN_PYTHON) -m via_tunnel.completion_gen --check
+	$(GEN_PYTHON) -m via_tunnel.cli.completion_gen --check

@@ -8,7 +8,7 @@ datagram to the lab's echo server every 2 ms, and then, N times each:
 * ``ip rule del`` of our rules (systemd-networkd restarting);
 * ``ip route flush table`` of the group's table (the kernel or a tool);
 
-each time measuring (``via_tunnel.lab_probe``) how long until everything is back, and
+each time measuring (``via_tunnel.lab.probe``) how long until everything is back, and
 counting, with tcpdump on the client's LAN interface, the stream's datagrams that left by
 the LAN meanwhile. The baseline, measured in the same run, is the probe's own resolution:
 how long one check for "back" takes. Prints medians and maxima against the 100 ms target
@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 try:
-    from via_tunnel import lab_probe
-    from via_tunnel.lab import Capture, Lab, LabError, remove_footprint
+    from via_tunnel.lab import probe as lab_probe
+    from via_tunnel.lab.netlab import Capture, Lab, LabError, remove_footprint
 except ImportError:  # not installed in this interpreter: use the checkout's src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from via_tunnel import lab_probe
-    from via_tunnel.lab import Capture, Lab, LabError, remove_footprint
+    from via_tunnel.lab import probe as lab_probe
+    from via_tunnel.lab.netlab import Capture, Lab, LabError, remove_footprint
 
 TARGET_MS = 100.0
 INTERVAL = 0.002

@@ -21,7 +21,7 @@ from typing import Any
 
 from helpers import PACKAGE_PARENT, wait_for
 
-from via_tunnel.lab import Lab
+from via_tunnel.lab.netlab import Lab
 
 USER = "nobody"
 USER_GROUP = "nogroup"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from via_tunnel import cgroup
-from via_tunnel.errors import ViaTunnelError
+from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.kernel import cgroup
 
 HYBRID = [
     "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755",

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from via_tunnel import completion_gen
-from via_tunnel.completion_gen import Node
+from via_tunnel.cli import completion_gen
+from via_tunnel.cli.completion_gen import Node
 
 COMPLETIONS = Path(__file__).resolve().parents[1] / "completions"
 BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
@@ -169,7 +169,7 @@ def test_checked_in_completions_are_generated_from_the_cli(tmp_path: Path) -> No
     assert {p.name for p in COMPLETIONS.iterdir()} == set(completion_gen.FILES)
     for name, text in completion_gen.render().items():
         assert (COMPLETIONS / name).read_text() == text, \
-            f"completions/{name} is stale: run python -m via_tunnel.completion_gen"
+            f"completions/{name} is stale: run python -m via_tunnel.cli.completion_gen"
     # and the --check mode the CI and `make` use notices a stale file
     assert completion_gen.main([str(tmp_path)]) == 0
     assert completion_gen.main(["--check", str(tmp_path)]) == 0
@@ -181,7 +181,7 @@ def test_model_has_the_launch_form_and_every_subcommand() -> None:
     root = completion_gen.model()
     names = {" ".join(n.path) for n in root.walk()}
     assert {"status", "cleanup", "gateway up", "desktop install", "doctor", "trace"} <= names
-    from via_tunnel.launch import LAUNCH_OPTIONS
+    from via_tunnel.launch.launcher import LAUNCH_OPTIONS
 
     assert [o.name for o in root.options][:len(LAUNCH_OPTIONS)] == \
         [o.name for o in LAUNCH_OPTIONS]

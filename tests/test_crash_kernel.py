@@ -53,7 +53,7 @@ from helpers import (
     wait_for,
 )
 
-from via_tunnel.lab import Capture, Lab
+from via_tunnel.lab.netlab import Capture, Lab
 
 pytestmark = pytest.mark.kernel
 

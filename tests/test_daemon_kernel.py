@@ -29,7 +29,7 @@ import pytest
 from daemon_lab import USER_PY, Daemon, readable_package
 from helpers import PACKAGE_PARENT, cgroup_leftovers, wait_for
 
-from via_tunnel.lab import Lab
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

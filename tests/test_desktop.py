@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from via_tunnel import desktop
-from via_tunnel.errors import ViaTunnelError
+from via_tunnel.cli import desktop
+from via_tunnel.core.errors import ViaTunnelError
 
 SAMPLE = """\
 # A browser, as distributions ship it

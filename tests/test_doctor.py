@@ -9,18 +9,21 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 
-from via_tunnel import doctor
-from via_tunnel.doctor import FAIL, OK, WARN, Check
-from via_tunnel.doctor_checks import (
+from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.plan import LinkFacts
+from via_tunnel.core.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
+from via_tunnel.doctor import run as doctor
+from via_tunnel.doctor.check import FAIL, OK, WARN, Check
+from via_tunnel.doctor.checks import (
     cgroup2_verdict,
     networkd_settings,
     networkd_verdict,
     probe_verdict,
     rp_filter_verdict,
 )
-from via_tunnel.doctor_iface import facts_verdicts
-from via_tunnel.doctor_marks import bits_set, check_foreign_marks
-from via_tunnel.doctor_rules import (
+from via_tunnel.doctor.iface import facts_verdicts
+from via_tunnel.doctor.marks import bits_set, check_foreign_marks
+from via_tunnel.doctor.rules import (
     FR_ACT_BLACKHOLE,
     IpRule,
     classify,
@@ -28,9 +31,6 @@ from via_tunnel.doctor_rules import (
     matched_marks,
     our_slot,
 )
-from via_tunnel.errors import ViaTunnelError
-from via_tunnel.plan import LinkFacts
-from via_tunnel.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
 
 LOCAL = IpRule(priority=0, table=255)
 MAIN = IpRule(priority=32766, table=254)
@@ -287,14 +287,14 @@ def test_doctor_module_does_not_import_typer() -> None:
     import subprocess
     import sys
 
-    code = "import sys, via_tunnel.doctor; print('typer' in sys.modules)"
+    code = "import sys, via_tunnel.doctor.run; print('typer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_missing_tools_are_warned_about_with_the_package(tmp_path: Path) -> None:
-    from via_tunnel.doctor_checks import check_tools
+    from via_tunnel.doctor.checks import check_tools
 
     (tmp_path / "ss").write_text("#!/bin/sh\n")
     (tmp_path / "ss").chmod(0o755)  # ss present, conntrack not

@@ -22,7 +22,7 @@ from daemon_lab import readable_package
 from helpers import via, via_popen, wait_for
 
 from via_tunnel import __version__
-from via_tunnel.lab import Lab, cgroup2_mount
+from via_tunnel.lab.netlab import Lab, cgroup2_mount
 
 pytestmark = pytest.mark.kernel
 
@@ -414,7 +414,7 @@ def test_kernel_probe_reports_what_the_kernel_refuses(lab: Lab, denv: dict[str, 
     (deleting a chain that does not exist) is a FAIL, and nothing is ever committed."""
     code = (
         "import nftables\n"
-        "from via_tunnel.doctor_checks import PROBE_TABLE, run_probe\n"
+        "from via_tunnel.doctor.checks import PROBE_TABLE, run_probe\n"
         "ctx = nftables.Nftables()\n"
         "t = f'add table inet {PROBE_TABLE}\\n'\n"
         "print(run_probe(ctx, 'nat', t).status)\n"

@@ -32,7 +32,7 @@ from daemon_lab import (
 )
 from helpers import canonical, cgroup_leftovers, wait_for
 
-from via_tunnel.lab import Lab
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

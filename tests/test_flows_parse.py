@@ -1,7 +1,7 @@
 """Which conntrack entries of a group escaped masquerade (pure logic of flows.py)."""
 # ruff: noqa: E501  (conntrack prints one entry per line)
 
-from via_tunnel.flows import parse_conntrack, parse_ss_ports, unmasqueraded
+from via_tunnel.kernel.flows import parse_conntrack, parse_ss_ports, unmasqueraded
 
 MARK, MASK = 0x81000000, 0xFF000000
 OWN = ("192.0.2.50/32",)

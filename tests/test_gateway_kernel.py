@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from helpers import via, via_popen
 
-from via_tunnel.lab import Capture, Lab
-from via_tunnel.plan import base_ruleset, level_ruleset
-from via_tunnel.settings import NFT_FAMILY, NFT_TABLE
+from via_tunnel.core.plan import base_ruleset, level_ruleset
+from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
+from via_tunnel.lab.netlab import Capture, Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from via_tunnel.errors import UsageError, ViaTunnelError
-from via_tunnel.gateway import (
+from via_tunnel.core.errors import UsageError, ViaTunnelError
+from via_tunnel.gateway.config import (
     GW_TABLE,
     Addr4,
     Forward,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from helpers import via_popen
 
-from via_tunnel.lab import Capture, Lab, helper_argv
+from via_tunnel.lab.netlab import Capture, Lab, helper_argv
 
 pytestmark = pytest.mark.kernel
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from helpers import CaptureElsewhere, canonical, via, via_popen, wait_for
 
-from via_tunnel.lab import Lab
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from via_tunnel.lab import Lab, LabError, netns_names
+from via_tunnel.lab.netlab import Lab, LabError, netns_names
 
 pytestmark = pytest.mark.kernel
 

@@ -17,7 +17,7 @@ import time
 import pytest
 from helpers import cgroup_leftovers, via, via_argv, via_popen, wait_for
 
-from via_tunnel.lab import Capture, Lab
+from via_tunnel.lab.netlab import Capture, Lab
 
 pytestmark = pytest.mark.kernel
 
@@ -293,8 +293,10 @@ def test_a_name_with_quotes_and_semicolons_is_data_not_nft_syntax(
 
 HALF_BUILT = """
 import os, sys, time
-from via_tunnel import cgroup, lifecycle, state
-from via_tunnel.settings import Settings, mark_for_slot, table_for_slot
+from via_tunnel.kernel import cgroup
+from via_tunnel.group import lifecycle
+from via_tunnel.group import state
+from via_tunnel.core.settings import Settings, mark_for_slot, table_for_slot
 settings = Settings.from_env()
 mount = cgroup.cgroup2_mount()
 path = lifecycle.group_path(settings, mount, "vlan3")

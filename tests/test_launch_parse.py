@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from via_tunnel.errors import UsageError, ViaTunnelError
-from via_tunnel.launch import parse, resolve
+from via_tunnel.core.errors import UsageError, ViaTunnelError
+from via_tunnel.launch.launcher import parse, resolve
 
 
 def test_parses_options_iface_and_command() -> None:
@@ -50,7 +50,11 @@ def test_resolve_follows_path_and_reports_126_127(tmp_path) -> None:  # type: ig
 
 
 def test_loopback_resolvers_are_recognised_without_ipaddress(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from via_tunnel.resolvers import _is_loopback, parse_resolvectl_dns, system_uses_local_stub
+    from via_tunnel.kernel.resolvers import (
+        _is_loopback,
+        parse_resolvectl_dns,
+        system_uses_local_stub,
+    )
 
     for text in ("127.0.0.53", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1", "0::1"):
         assert _is_loopback(text), text

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from via_tunnel import __version__, completion_gen
+from via_tunnel import __version__
+from via_tunnel.cli import completion_gen
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "man" / "via-tunnel.1"
@@ -65,7 +66,7 @@ def test_documents_every_subcommand_and_option() -> None:
 
 def test_documents_exit_codes_environment_and_units() -> None:
     text = render()
-    from via_tunnel import errors
+    from via_tunnel.core import errors
 
     section = text.split(" EXIT STATUS ", 1)[1].split(" ENVIRONMENT ", 1)[0]
     for code in (errors.EXIT_USAGE, errors.EXIT_FAILURE, errors.EXIT_CANNOT_EXEC,
@@ -73,7 +74,7 @@ def test_documents_exit_codes_environment_and_units() -> None:
         assert re.search(rf"(^| ){code} \S", section), code
     # every VIA_TUNNEL_* variable the code reads
     names = set()
-    for path in (REPO / "src" / "via_tunnel").glob("*.py"):
+    for path in (REPO / "src" / "via_tunnel").rglob("*.py"):
         names |= set(re.findall(r"\bVIA_TUNNEL_[A-Z_]+\b", path.read_text()))
     assert names, "no VIA_TUNNEL_* variables found: the pattern is wrong"
     assert {n for n in names if n not in text} == set()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from via_tunnel.errors import UsageError
-from via_tunnel.names import validate_ifname
+from via_tunnel.core.errors import UsageError
+from via_tunnel.core.names import validate_ifname
 
 
 @pytest.mark.parametrize("name", ["vlan3", "tun0", "a", "x" * 15, "wg-home.1", 'q"uote;', "é"])

@@ -11,8 +11,8 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 
-from via_tunnel.plan import RuleSpec, group_rules
-from via_tunnel.settings import MAX_SLOT, mark_for_slot, table_for_slot
+from via_tunnel.core.plan import RuleSpec, group_rules
+from via_tunnel.core.settings import MAX_SLOT, mark_for_slot, table_for_slot
 
 # Neighbours' marks as (value, mask): a packet p "matches" when p & mask == value.
 TAILSCALE_MARK_BITS = 0x00FF0000  # Tailscale's fwmark rules test bits in this mask

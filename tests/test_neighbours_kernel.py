@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from helpers import canonical, via, via_popen, vt_env_for, wait_for
 
-from via_tunnel.lab import Capture, Lab, remove_footprint
+from via_tunnel.lab.netlab import Capture, Lab, remove_footprint
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import via, via_popen, wait_for
 
-from via_tunnel.lab import Capture, Lab
+from via_tunnel.lab.netlab import Capture, Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -4,8 +4,8 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 
-from via_tunnel.errors import ViaTunnelError
-from via_tunnel.plan import (
+from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.plan import (
     LinkFacts,
     RouteSpec,
     RuleSpec,
@@ -14,7 +14,7 @@ from via_tunnel.plan import (
     level_ruleset,
     plan_group,
 )
-from via_tunnel.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
+from via_tunnel.core.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
 
 TUN = LinkFacts(name="tun0", index=7, up=True, pointopoint=True, ipv4=("192.0.2.50/32",))
 VETH = LinkFacts(name="vlan3", index=5, up=True, pointopoint=False, ipv4=("192.0.2.34/28",),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from via_tunnel.policy import (
+from via_tunnel.core.policy import (
     ConfigError,
     InterfacePolicy,
     Policy,

@@ -7,8 +7,8 @@ import pwd
 
 import pytest
 
-from via_tunnel.errors import ViaTunnelError
-from via_tunnel.privdrop import choose, lookup
+from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.launch.privdrop import choose, lookup
 
 
 @pytest.mark.parametrize(("env", "user", "expected"), [
@@ -53,7 +53,7 @@ def test_lookup_uses_the_user_database_and_sudo_gid() -> None:
 
 
 def test_launch_form_takes_user_option() -> None:
-    from via_tunnel.launch import parse
+    from via_tunnel.launch.launcher import parse
 
     assert parse(["--user", "bob", "vlan3", "--", "id"]).user == "bob"
     assert parse(["--user=bob", "vlan3", "--", "id"]).user == "bob"

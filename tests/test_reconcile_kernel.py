@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 from helpers import CaptureElsewhere, via, via_popen, wait_for
 
-from via_tunnel import lab_probe
-from via_tunnel.lab import Capture, Lab
+from via_tunnel.lab import probe as lab_probe
+from via_tunnel.lab.netlab import Capture, Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from via_tunnel.lab import Lab
-from via_tunnel.settings import mark_for_slot, table_for_slot
+from via_tunnel.core.settings import mark_for_slot, table_for_slot
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 
@@ -25,9 +25,9 @@ TABLE = table_for_slot(SLOT)
 # Runs in the namespace: plan eth0's group for SLOT, then one action per argument.
 SCRIPT = r"""
 import dataclasses, json, sys
-from via_tunnel import netlink
-from via_tunnel.errors import ViaTunnelError
-from via_tunnel.plan import RouteSpec, plan_group
+from via_tunnel.kernel import netlink
+from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.plan import RouteSpec, plan_group
 slot, ipv6 = int(sys.argv[1]), sys.argv[2]
 facts = netlink.link_facts("eth0")
 plan = plan_group(facts, slot=slot, level=2, cgroup_nft_path="x", gateway=None, ipv6=ipv6,
@@ -132,7 +132,7 @@ def test_refusals_are_one_clear_error(lab: Lab) -> None:
 DUMPS = r"""
 import json
 from socket import AF_INET, AF_INET6
-from via_tunnel.rtnl import Rtnl
+from via_tunnel.kernel.rtnl import Rtnl
 with Rtnl() as rt:
     main4 = sorted(str(r.get_attr("RTA_DST") or "default") for r in rt.routes(AF_INET, 254))
     filtered = [rt.filtered]

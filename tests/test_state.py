@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from via_tunnel import state, sysctl
-from via_tunnel.settings import Settings
+from via_tunnel.core.settings import Settings
+from via_tunnel.group import state
+from via_tunnel.kernel import sysctl
 
 
 def _record(iface: str) -> state.GroupRecord:

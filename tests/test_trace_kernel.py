@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from helpers import CaptureElsewhere, via, via_popen, wait_for
 
-from via_tunnel.lab import Lab
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -9,11 +9,11 @@ import socket
 import struct
 from importlib.resources import files
 
-from via_tunnel import trace_nflog as nl
-from via_tunnel import trace_rules
-from via_tunnel.trace import format_line
-from via_tunnel.trace_nflog import Flow, attr, flow_of, parse_messages
-from via_tunnel.trace_who import SocketRow, Who, best_row, parse_table
+from via_tunnel.kernel import nflog as nl
+from via_tunnel.kernel.nflog import Flow, attr, flow_of, parse_messages
+from via_tunnel.trace import rules as trace_rules
+from via_tunnel.trace.session import format_line
+from via_tunnel.trace.who import SocketRow, Who, best_row, parse_table
 
 
 def ipv4_tcp(src: str, sport: int, dst: str, dport: int, frag: int = 0) -> bytes:
@@ -120,7 +120,7 @@ def test_table_json_carries_names_as_data_and_brackets_the_kill_switch() -> None
                for c in commands for kind in c["add"])
     # Drops are seen before via-tunnel's postrouting filter drops them; new connections
     # after its masquerade (the priorities in ruleset.nft: filter = 0, srcnat = 100).
-    ruleset = files("via_tunnel").joinpath("ruleset.nft").read_text()
+    ruleset = files("via_tunnel.core").joinpath("ruleset.nft").read_text()
     hooks = re.findall(r"type (\w+) hook postrouting priority (\w+);", ruleset)
     assert ("filter", "filter") in hooks and ("nat", "srcnat") in hooks
     assert trace_rules.PRIO_DROPS < 0 < 100 < trace_rules.PRIO_NEW

@@ -1,3 +1,3 @@
-from via_tunnel.cli import main
+from via_tunnel.cli.main import main
 
 raise SystemExit(main())

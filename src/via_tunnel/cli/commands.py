@@ -1,0 +1,359 @@
+"""Subcommands (everything but the launch form), built with typer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from via_tunnel import __version__
+from via_tunnel.core.errors import EXIT_USAGE, ViaTunnelError
+
+HELP = (
+    "Run a program so that all of its traffic leaves through one interface.\n\n"
+    "Launch form: via-tunnel [--gateway ADDR] [--dns ADDR]... [--ipv6 auto|tunnel|block] "
+    "[--user NAME] IFACE -- CMD [ARG...]  (see man via-tunnel)"
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP,
+                  rich_markup_mode=None)
+_debug = False
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    if version:
+        print(__version__)
+        raise typer.Exit(0)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+STATUS_FORMAT = 1  # bumped only when a key of `status --json` changes meaning or goes away
+
+
+def _group_info() -> list[dict[str, object]]:
+    """The active groups as `status --json` prints them (the shape is documented in the
+    README and the man page: keys are only ever added)."""
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.group import state
+    from via_tunnel.kernel import cgroup, nft
+
+    settings = Settings.from_env()
+    records = state.load_all(settings)
+    sent = nft.group_counters("tx") if records else {}
+    received = nft.group_counters("rx") if records else {}
+    out = []
+    for rec in records:
+        members = []
+        for pid in cgroup.members(rec.cgroup):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            members.append({"pid": pid, "command": cmd})
+        key = (rec.mark, rec.iface)
+        out.append({
+            "interface": rec.iface, "since": rec.created, "mark": f"0x{rec.mark:08x}",
+            "table": rec.table, "cgroup": rec.cgroup, "gateway": rec.gateway4,
+            "ipv6": rec.ipv6, "dns": [a for a in (rec.dns4, rec.dns6) if a],
+            "watcher": state.watcher_pid(settings, rec.iface), "ready": rec.ready,
+            "link": _link_info(rec.iface),
+            "counters": {
+                "sent": _counter(sent.get(key)), "received": _counter(received.get(key)),
+            } if key in sent or key in received else None,
+            "members": members,
+        })
+    return out
+
+
+def _counter(value: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if value is None else {"packets": value[0], "bytes": value[1]}
+
+
+def _link_info(iface: str) -> dict[str, object]:
+    """The interface's state as the kernel has it: up/down/absent, MTU, addresses."""
+    from via_tunnel.core.errors import ViaTunnelError
+    from via_tunnel.kernel import netlink
+
+    try:
+        facts = netlink.link_facts(iface)
+    except ViaTunnelError:
+        return {"state": "absent", "mtu": None, "addresses": []}
+    return {"state": "up" if facts.up else "down", "mtu": facts.mtu,
+            "addresses": [*facts.ipv4, *facts.ipv6_global]}
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # not reached
+
+
+@app.command()
+def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False
+           ) -> None:
+    """List the active groups: interface and its state, traffic counters, member PIDs and
+    commands, since when."""
+    groups = _group_info()
+    if json_out:
+        json.dump({"format": STATUS_FORMAT, "groups": groups}, sys.stdout, indent=2)
+        print()
+        return
+    if not groups:
+        print("no active groups")
+        return
+    for g in groups:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(g["since"])))  # type: ignore[arg-type]
+        extra = "" if g["watcher"] else "  (no watcher: `via-tunnel cleanup` after it empties)"
+        print(f"{g['interface']}  since {since}  table {g['table']}  mark {g['mark']}{extra}")
+        link = g["link"]
+        assert isinstance(link, dict)
+        addrs = ", ".join(link["addresses"]) or "no address"
+        print(f"  link {link['state']}  mtu {link['mtu']}  {addrs}")
+        counters = g["counters"]
+        if isinstance(counters, dict):
+            print("  " + "   ".join(
+                f"{label} {c['packets']} pkts {_human_bytes(c['bytes'])}"
+                for label, c in (("sent", counters["sent"]), ("received", counters["received"]))
+                if c is not None))
+        else:
+            print("  counters missing (the nft table is being repaired or was removed)")
+        for m in g["members"]:  # type: ignore[attr-defined]
+            print(f"  {m['pid']:>7}  {m['command']}")
+
+
+@app.command()
+def doctor(
+    iface: Annotated[str | None, typer.Argument(
+        help="Also check this interface: up, addresses, next hop, MTU.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Check this machine for what via-tunnel needs and what gets in its way; one line per
+    check (OK/WARN/FAIL) with the fix. Exits 0 when nothing fails."""
+    from via_tunnel.doctor import run as doctor_run
+
+    raise typer.Exit(doctor_run.run(iface, json_out=json_out))
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def trace(
+    iface: Annotated[str, typer.Argument(help="The interface whose group to watch.")],
+    cmd: Annotated[list[str] | None, typer.Argument(
+        help="After --: a command to start in the group while tracing.")] = None,
+) -> None:
+    """Show the group's new connections live (pid, command, destination, interface, source
+    address) and the kill switch's drops, until Ctrl-C or until CMD exits."""
+    from via_tunnel.trace import session as trace_mod
+
+    raise typer.Exit(trace_mod.run(iface, list(cmd or ())))
+
+
+@app.command()
+def cleanup() -> None:
+    """Remove whatever a crashed or killed run left behind. Safe at any time: a group that
+    still has processes is never touched."""
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.group import lifecycle, state
+
+    if os.geteuid() != 0:
+        raise ViaTunnelError("cleanup needs root")
+    settings = Settings.from_env()
+    with state.locked(settings):
+        done = lifecycle.cleanup(settings)
+    for line in done:
+        print(line)
+    if not done:
+        print("nothing to clean up")
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Leave the lab's namespaces up.")] = False,
+) -> None:
+    """Build a throwaway lab of network namespaces and show via-tunnel at work."""
+    from via_tunnel.lab.demo import run_demo
+
+    raise typer.Exit(run_demo(keep=keep))
+
+
+@app.command()
+def daemon(
+    socket: Annotated[str | None, typer.Option(
+        "--socket", help="Socket path (default $VIA_TUNNEL_SOCKET or "
+                         "/run/via-tunnel/daemon.sock; ignored under socket activation).")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="Policy file (default $VIA_TUNNEL_CONFIG or "
+                         "/etc/via-tunnel/config.toml).")] = None,
+) -> None:
+    """Serve unprivileged launches: a root service on a Unix socket that puts a caller's own
+    process into an interface's group when the policy allows its user. SIGHUP re-reads the
+    policy."""
+    from via_tunnel.daemon.server import run
+
+    raise typer.Exit(run(socket, config))
+
+
+desktop_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Desktop launchers (.desktop entries) that start an app via an "
+                               "interface.")
+app.add_typer(desktop_app, name="desktop")
+
+
+@desktop_app.command("install")
+def desktop_install(
+    entry: Annotated[str, typer.Argument(help="APP.desktop (an installed entry) or a path.")],
+    iface: Annotated[str, typer.Argument(help="The interface to launch it through.")],
+) -> None:
+    """Write a user copy of ENTRY whose Exec= lines run via IFACE and whose name says so."""
+    from via_tunnel.cli import desktop
+
+    print(desktop.install(entry, iface))
+
+
+@desktop_app.command("remove")
+def desktop_remove(
+    entry: Annotated[str, typer.Argument(help="APP.desktop, as given to install.")],
+) -> None:
+    """Remove a copy written by `desktop install` (never any other file)."""
+    from via_tunnel.cli import desktop
+
+    print(desktop.remove(entry))
+
+
+@desktop_app.command("list")
+def desktop_list() -> None:
+    """List the entries written by `desktop install` and their interfaces."""
+    from via_tunnel.cli import desktop
+
+    rows = desktop.list_installed()
+    for path, iface in rows:
+        print(f"{os.path.basename(path)}  via {iface}  ({path})")
+    if not rows:
+        print("no desktop entries installed by via-tunnel")
+
+
+gateway_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="The VPS end: masquerade a tunnel out of WAN, forward WAN ports "
+                               "to addresses behind it.")
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.command("up")
+def gateway_up(
+    tun: Annotated[str, typer.Argument(help="The tunnel interface (e.g. tun0).")],
+    wan: Annotated[str | None, typer.Option("--wan", help="The public interface.")] = None,
+    subnet: Annotated[str | None, typer.Option(
+        "--subnet", help="IPv4 CIDR to masquerade (default: the subnet of the tunnel's "
+                         "address; on a point-to-point tunnel, the peer's prefix).")] = None,
+    forward: Annotated[list[str] | None, typer.Option(
+        "--forward", help="PROTO:PORT[-PORT]:DEST[:DPORT] (repeatable).")] = None,
+) -> None:
+    """Set up (or update) the gateway for TUN; settings default to table gateway.TUN of
+    /etc/via-tunnel/config.toml. Running it twice changes nothing."""
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.gateway import apply as gateway_apply
+
+    cfg = gateway_apply.resolve(tun, wan=wan, subnet=subnet, forwards=forward)
+    print(gateway_apply.up(cfg, Settings.from_env()))
+
+
+@gateway_app.command("down")
+def gateway_down(
+    tun: Annotated[str, typer.Argument(help="The tunnel interface.")],
+) -> None:
+    """Remove exactly what `gateway up TUN` added, and restore the forwarding sysctls."""
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.gateway import apply as gateway_apply
+
+    print(gateway_apply.down(tun, Settings.from_env()))
+
+
+@gateway_app.command("status")
+def gateway_status(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """List the gateways that are up, with packet/byte counters per forward."""
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.gateway import apply as gateway_apply
+
+    gws = gateway_apply.status(Settings.from_env())
+    if json_out:
+        json.dump({"gateways": gws}, sys.stdout, indent=2)
+        print()
+        return
+    if not gws:
+        print("no gateways up")
+        return
+
+    def fmt(c: object) -> str:
+        return "missing" if not isinstance(c, dict) else f"{c['packets']} pkts {c['bytes']} bytes"
+
+    for g in gws:
+        extra = "" if g["active"] else "  (rules missing: run `gateway up` again)"
+        print(f"{g['tunnel']}  wan {g['wan']}  subnet {g['subnet']}{extra}")
+        print(f"  out  {fmt(g['outbound'])}   replies in  {fmt(g['inbound_replies'])}")
+        for f in g["forwards"]:
+            print(f"  {f['spec']:<32} {fmt(f['counter'])}")
+
+
+def run_app(args: list[str]) -> int:
+    """Run the typer app; turn our errors into one line and exit code 125."""
+    try:
+        # In non-standalone mode click returns the code of typer.Exit instead of raising.
+        rc = app(args=args, prog_name="via-tunnel", standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
+    except ViaTunnelError as exc:
+        from via_tunnel.core.errors import report
+
+        return report(exc, _debug or "--debug" in args)
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _click_exceptions()):
+            exc.show()  # type: ignore[attr-defined]
+            return EXIT_USAGE
+        from via_tunnel.core.errors import report
+
+        return report(ViaTunnelError(f"internal error: {exc!r} (run with --debug)"),
+                      _debug or "--debug" in args)
+    return 0
+
+
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """The ClickException classes typer may raise: recent typer vendors click as
+    ``typer._click``, older typer uses the ``click`` package; both may be installed."""
+    classes: list[type[Exception]] = []
+    try:
+        from typer import _click  # type: ignore[attr-defined]
+
+        classes.append(_click.exceptions.ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        classes.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+

@@ -1,0 +1,44 @@
+"""Entry point. The launch form is parsed by hand (it is the hot path and must not pay for
+typer's import); every subcommand goes through the typer app in :mod:`commands`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from via_tunnel.core.errors import EXIT_FAILURE, ViaTunnelError, report
+
+SUBCOMMANDS = frozenset({"status", "cleanup", "demo", "version", "gateway", "daemon",
+                         "desktop", "doctor", "trace"})
+
+
+def _is_subcommand(args: list[str]) -> bool:
+    """``via-tunnel status`` is the subcommand; ``via-tunnel status -- CMD`` would launch
+    through an interface that happens to be called "status"."""
+    if not args or args[0] not in SUBCOMMANDS:
+        return not args or args[0] in ("-h", "--help", "--version")
+    return not (len(args) > 1 and args[1] == "--")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if _is_subcommand(args):
+        from via_tunnel.cli.commands import run_app
+
+        return run_app(args)
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    try:
+        from via_tunnel.launch import launcher as launch
+
+        launch.run(launch.parse(args))
+    except ViaTunnelError as exc:
+        return report(exc, debug)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        return report(ViaTunnelError(f"internal error: {exc!r} (run with --debug)"), debug)
+    return EXIT_FAILURE  # not reached: launch.run execs or raises
+
+
+if __name__ == "__main__":
+    os._exit(main())

@@ -1,0 +1,75 @@
+"""The unprivileged launcher's side of the daemon protocol.
+
+One connection, one request: the client sends a JSON object and shuts down its writing side;
+the daemon reads the caller's identity (pid, uid, gid) from the kernel, never from the
+request, moves *that* process into the interface's group and answers with one JSON object::
+
+    -> {"iface": "vlan3", "gateway": null, "ipv6": "auto", "dns": []}
+    <- {"ok": true, "iface": "vlan3", "cgroup": "/sys/fs/cgroup/via-tunnel/if-vlan3"}
+    <- {"ok": false, "error": "alice is not allowed to use vlan3 (...)", "code": 125}
+
+On the launch hot path: ``_socket`` and ``json`` only (``socket`` imports enum).
+"""
+
+from __future__ import annotations
+
+import _socket
+import json
+
+from via_tunnel.core.errors import EXIT_FAILURE, EXIT_USAGE, ViaTunnelError
+from via_tunnel.core.wire import MAX_ANSWER, socket_path
+
+# Creating a group is quick, but the daemon may first wait for the global lock (another
+# group being torn down, which can take a few seconds while sockets are destroyed).
+ANSWER_TIMEOUT = 30.0
+NO_DAEMON = ("via-tunnel needs root or the daemon (start `via-tunnel daemon`, "
+             "or systemctl enable --now via-tunnel.socket)")
+
+
+def request(payload: dict[str, object], path: str | None = None) -> dict[str, object]:
+    """Send one request and return the daemon's answer when it says ``ok``; otherwise raise
+    :class:`ViaTunnelError` with its message and exit code (2 or 125)."""
+    path = path or socket_path()
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)  # CLOEXEC by default
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ViaTunnelError(NO_DAEMON) from None
+        except PermissionError:
+            raise ViaTunnelError(f"{NO_DAEMON}; permission denied on {path} "
+                                 f"(is this user in the socket's group?)") from None
+        sock.sendall(json.dumps(payload).encode())
+        sock.shutdown(_socket.SHUT_WR)
+        chunks = []
+        size = 0
+        while size <= MAX_ANSWER:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except TimeoutError:
+        raise ViaTunnelError(f"the daemon at {path} did not answer in time") from None
+    except OSError as exc:
+        raise ViaTunnelError(f"talking to the daemon at {path}: {exc.strerror}") from None
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ViaTunnelError(f"the daemon at {path} gave no valid answer")
+    if answer.get("ok") is not True:
+        code = answer.get("code")
+        raise ViaTunnelError(str(answer.get("error") or "the daemon refused"),
+                             code if code in (EXIT_USAGE, EXIT_FAILURE) else EXIT_FAILURE)
+    return answer
+
+
+def join(iface: str, gateway: str | None, ipv6: str, dns: list[str] | tuple[str, ...] = ()
+         ) -> dict[str, object]:
+    """Ask the daemon to put this very process into ``iface``'s group."""
+    return request({"iface": iface, "gateway": gateway, "ipv6": ipv6, "dns": list(dns)})

@@ -1,0 +1,328 @@
+"""The life of a group: create it, let processes join, tear it down when it is empty.
+
+This is the one place that sequences the adapters. The launcher and the daemon both
+call it, always with the global lock held (:func:`via_tunnel.group.state.locked`), which is what
+makes concurrent starts and exits race-free: a launcher joins a group and a watcher decides
+the group is empty under the same lock.
+
+Ordering guarantees (no moment without routing for a process already in the group):
+* setup: record (intent log) -> cgroup -> routes -> ip rules -> nft elements -> record
+  marked ready. CMD runs in the group only after all of that succeeded (a cold launcher
+  may enter the new cgroup earlier, see early_join.py: it sends no traffic of its own).
+* teardown: only when ``cgroup.events`` says unpopulated; kill the group's remaining
+  sockets (flows.kill_sockets: orphaned TCP sockets would otherwise retransmit by the LAN
+  once the rules are gone) -> nft elements -> ip rules and routes -> cgroup -> record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from via_tunnel.core.errors import KernelError, ViaTunnelError
+from via_tunnel.core.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements, group_rules
+from via_tunnel.core.settings import (
+    MARK_MASK,
+    MAX_SLOT,
+    NFT_FAMILY,
+    NFT_TABLE,
+    Settings,
+    mark_for_slot,
+    table_for_slot,
+)
+from via_tunnel.group import state
+from via_tunnel.group.state import GroupRecord
+from via_tunnel.kernel import cgroup, sysctl
+
+GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
+
+
+def group_path(settings: Settings, mount: str, iface: str) -> str:
+    return os.path.join(mount, settings.cgroup_subtree, GROUP_PREFIX + iface)
+
+
+def ensure_group(
+    settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto",
+    dns: tuple[str, ...] = (),
+) -> GroupRecord:
+    """Return the active group of ``iface``, creating it if needed. Caller holds the lock.
+
+    On any failure everything this call added is removed again before the error propagates.
+    """
+    rec = state.load(settings, iface)
+    if rec is not None:
+        if rec.usable():
+            check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
+            return rec
+        teardown(settings, rec)  # a crash left it stale or half-built: start clean
+    return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
+
+
+def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = "auto",
+                     dns: tuple[str, ...] = ()) -> None:
+    """A run joining an existing group may not ask for other routing than it has: that
+    would silently change the traffic of the programs already running in it."""
+    from via_tunnel.core.plan import split_resolvers
+
+    if gateway is not None and rec.gateway4 not in (None, gateway):
+        raise ViaTunnelError(
+            f"{rec.iface} is already in use with gateway {rec.gateway4}; "
+            f"--gateway {gateway} would change the routing of running programs")
+    if ipv6 != "auto" and rec.ipv6 != ipv6:
+        have = "blocked" if rec.ipv6 == "block" else "through the tunnel"
+        raise ViaTunnelError(
+            f"{rec.iface} is already in use with IPv6 {have}; --ipv6 {ipv6} would change "
+            f"the routing of running programs")
+    if dns and split_resolvers(dns) != (rec.dns4, rec.dns6):
+        have = ", ".join(a for a in (rec.dns4, rec.dns6) if a) or "no --dns"
+        raise ViaTunnelError(
+            f"{rec.iface} is already in use with {have}; a different --dns would change "
+            f"the DNS of running programs")
+
+
+def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
+            dns: tuple[str, ...]) -> GroupRecord:
+    from via_tunnel.core.plan import plan_group
+    from via_tunnel.kernel import netlink, resolvers
+
+    mount = cgroup.cgroup2_mount()
+    path = group_path(settings, mount, iface)
+    slot = state.free_slot(state.load_all(settings))
+    facts = netlink.link_facts(iface)
+    plan = plan_group(facts, slot=slot, level=cgroup.level_of(path, mount),
+                      cgroup_nft_path=cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
+                      dns=dns or resolvers.link_resolvers(iface))
+    rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
+                      level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
+                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6,
+                      dns4=plan.dns4, dns6=plan.dns6)
+    state.save(settings, rec)
+    try:
+        sysctl.ensure(settings)
+        if plan.sysctls:
+            rec.saved_sysctls = sysctl.apply_saving(plan.sysctls)
+            state.save(settings, rec)
+        cgroup.make(path)
+        netlink.apply(plan.rules, plan.routes)
+        _nft_attach(plan)
+        rec.ready = True
+        state.save(settings, rec)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            teardown(settings, rec)
+        raise
+    return rec
+
+
+def _nft_attach(plan: GroupPlan) -> None:
+    from via_tunnel.kernel import nft
+
+    nft.ensure_table(plan.level)
+    nft.run_json(group_elements(plan, "add"))
+
+
+def _plan_of(rec: GroupRecord) -> GroupPlan:
+    """Enough of the plan to name everything a record's group added (teardown needs no
+    facts): the same rules and nft elements, from the same functions setup used."""
+    return GroupPlan(iface=rec.iface, slot=rec.slot, mark=rec.mark, table=rec.table,
+                     level=rec.level, cgroup_nft_path=rec.cgroup_nft_path,
+                     rules=group_rules(rec.mark, rec.table), routes=(),
+                     ipv6="tunnel" if rec.ipv6 == "tunnel" else "block",
+                     dns4=rec.dns4, dns6=rec.dns6)
+
+
+def teardown(settings: Settings, rec: GroupRecord) -> None:
+    """Remove everything ``rec`` names. Idempotent; caller holds the lock and has checked
+    that the group is empty (a populated cgroup makes the final rmdir fail loudly)."""
+    from via_tunnel.kernel import flows, netlink, nft
+
+    plan = _plan_of(rec)
+    if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
+        rec.ready = False
+        state.save(settings, rec)
+    flows.kill_sockets(cgroup.tree_path(rec.cgroup))
+    others = [r for r in state.load_all(settings) if r.iface != rec.iface]
+    if nft.table_exists():
+        if not others:
+            nft.run_json([nft.delete_table_command()])
+        else:
+            _nft_detach(plan)
+    netlink.remove(plan.rules, [rec.table])
+    sysctl.put_back(rec.saved_sysctls)
+    cgroup.remove(rec.cgroup)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.watcher_lock_path(settings, rec.iface))
+    state.delete(settings, rec.iface)
+    if not others:
+        sysctl.restore(settings)
+        with contextlib.suppress(OSError):  # our subtree, if nothing else lives in it
+            os.rmdir(os.path.dirname(rec.cgroup))
+
+
+def _nft_detach(plan: GroupPlan) -> None:
+    """Delete the group's elements: one transaction, or element by element when some are
+    already gone (cleanup after a crash) so the rest still goes."""
+    from via_tunnel.kernel import nft
+
+    commands = group_elements(plan, "delete")
+    try:
+        nft.run_json(commands)
+    except KernelError:
+        for command in commands:
+            with contextlib.suppress(KernelError):
+                nft.run_json([command])
+
+
+def repair(settings: Settings, iface: str) -> bool:
+    """Put back whatever of the group of ``iface`` someone removed: our nft table, its rules
+    and elements (``nft flush ruleset``), the ip rules (systemd-networkd) and the routes
+    (the kernel drops them when the interface goes down or is re-created). Caller holds
+    the lock. Returns True when routing is in place again.
+
+    Everything is checked before it is written, so a repair of an intact group changes
+    nothing and triggers no new change event (the watcher would wake up again). While the
+    interface is down or gone, the table's ``unreachable`` default and the postrouting drop
+    keep the group closed.
+    """
+    from via_tunnel.core.plan import plan_group
+    from via_tunnel.kernel import netlink
+
+    rec = state.load(settings, iface)
+    if rec is None or not rec.ready:  # a group being torn down is not brought back
+        return False
+    for reattached in reattach_nft(settings):
+        _reset_flows(reattached)
+    try:
+        facts = netlink.link_facts(iface)
+        plan = plan_group(facts, slot=rec.slot, level=rec.level,
+                          cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
+                          ipv6="block" if rec.ipv6 == "block" else "auto",
+                          dns=tuple(a for a in (rec.dns4, rec.dns6) if a))
+        netlink.apply(plan.rules, plan.routes)
+    except ViaTunnelError:
+        # Down, gone, changed beyond use, or half back (an IPv6 next hop before its
+        # prefix route): stay closed; the next rtnetlink event brings us back here.
+        return False
+    sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
+    return True
+
+
+def _reset_flows(rec: GroupRecord) -> None:
+    """After our table came back: drop the conntrack entries of the group's flows that
+    started without it (they escaped masquerade; see flows.py)."""
+    from via_tunnel.kernel import flows, netlink
+
+    try:
+        facts = netlink.link_facts(rec.iface)
+    except ViaTunnelError:
+        return  # the interface is gone: its routes are too, and repair comes back later
+    flows.reset_unmasqueraded(cgroup.tree_path(rec.cgroup), rec.mark, MARK_MASK,
+                              (*facts.ipv4, *facts.ipv6_global))
+
+
+def reattach_nft(settings: Settings) -> list[GroupRecord]:
+    """Make our nft table whole again for every ready group; returns the groups whose
+    routing it had to put back (empty when nothing was missing).
+
+    A table that lost rules (``nft flush table``) gets them back in one transaction that
+    flushes and re-adds every rule, keeping its chains and elements: deleting the table
+    would also drop the conntrack NAT state of the groups' flows. Missing elements follow
+    in a second transaction (JSON: nft text must not carry names).
+    """
+    from via_tunnel.core.plan import (
+        base_ruleset,
+        element_names,
+        level_ruleset,
+        levels_in,
+        missing_from,
+        table_damaged,
+    )
+    from via_tunnel.kernel import nft
+
+    records = [r for r in state.load_all(settings) if r.usable()]
+    if not records:
+        return []
+    printed = nft.table_text()
+    needed = {r.level for r in records}
+    if printed is None:
+        text, have = base_ruleset(), set()
+    elif table_damaged(printed):
+        have = levels_in(printed)
+        text = f"flush table {NFT_FAMILY} {NFT_TABLE}\n" + base_ruleset() \
+            + "".join(level_ruleset(level) for level in sorted(have))
+    else:
+        text, have = "", levels_in(printed)
+    text += "".join(level_ruleset(level) for level in sorted(needed - have))
+    listing = [] if printed is None else nft.list_elements(*element_names(have | needed))
+    commands = []
+    reattached = []
+    for rec in records:
+        plan = _plan_of(rec)
+        if printed is None or missing_from(listing, plan):
+            commands += group_elements(plan, "add")
+            reattached.append(rec)
+    if text:
+        nft.run_text(text)
+    if commands:
+        nft.run_json(commands)
+    return records if text else reattached  # without rules, no group was routed
+
+
+def teardown_if_empty(settings: Settings, iface: str) -> bool:
+    """Tear the group down if it has no process left. Caller holds the lock."""
+    rec = state.load(settings, iface)
+    if rec is None:
+        return True
+    if cgroup.populated(rec.cgroup):
+        return False
+    teardown(settings, rec)
+    return True
+
+
+def cleanup(settings: Settings) -> list[str]:
+    """Remove what crashed or killed runs left behind; never touch a group with members.
+    Call under :func:`state.locked`.
+
+    Returns a line per thing removed. Besides recorded groups, sweeps kernel objects in our
+    numeric ranges that no record explains (a crash before the record was written).
+    """
+    from via_tunnel.kernel import netlink, nft
+
+    done: list[str] = []
+    records = state.load_all(settings)
+    for rec in records:
+        if not cgroup.populated(rec.cgroup):
+            teardown(settings, rec)
+            done.append(f"removed group {rec.iface}")
+    live = state.load_all(settings)
+    done.extend(state.remove_orphan_tmp(settings))
+    live_slots = {r.slot for r in live}
+    stray_rules: list[RuleSpec] = []
+    stray_tables: list[int] = []
+    for slot in range(1, MAX_SLOT + 1):
+        if slot not in live_slots:
+            stray_tables.append(table_for_slot(slot))
+            stray_rules.extend(group_rules(mark_for_slot(slot), table_for_slot(slot)))
+    present = netlink.our_rules_and_tables(stray_rules, stray_tables)
+    if present:
+        netlink.remove(present[0], present[1])
+        done.append(f"removed {len(present[0])} stray ip rule(s), "
+                    f"{len(present[1])} stray table(s)")
+    if not live:
+        if nft.table_exists():
+            nft.run_json([nft.delete_table_command()])
+            done.append("removed nft table inet via_tunnel")
+        sysctl.restore(settings)
+        mount = cgroup.cgroup2_mount()
+        subtree = os.path.join(mount, settings.cgroup_subtree)
+        if os.path.isdir(subtree):
+            for name in os.listdir(subtree):
+                child = os.path.join(subtree, name)
+                if name.startswith(GROUP_PREFIX) and os.path.isdir(child) \
+                        and not cgroup.populated(child):
+                    cgroup.remove(child)
+                    done.append(f"removed cgroup {child}")
+            with contextlib.suppress(OSError):
+                os.rmdir(subtree)
+    return done

@@ -1,0 +1,154 @@
+"""Records of active groups and the lock that serialises every change to them.
+
+One JSON file per group in ``<state_dir>/groups/``. A record is written *before* the kernel
+is changed (an intent log), so a crash at any point leaves enough to undo it, and deleted
+only after everything it names is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+
+from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.settings import MAX_SLOT, Settings
+from via_tunnel.kernel.files import (
+    FileLock,
+    ensure_dir,
+    remove_json,
+    remove_orphan_tmp_in,
+    write_json,
+)
+
+
+class GroupRecord:
+    """What one active group consists of; enough to tear it down without other input.
+
+    A plain class rather than a dataclass: it is read on every (warm) launch.
+    """
+
+    __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "gateway4", "iface",
+                 "ipv6", "level", "mark", "ready", "saved_sysctls", "slot", "table")
+
+    def __init__(self, *, iface: str, slot: int, mark: int, table: int, level: int,
+                 cgroup: str, cgroup_nft_path: str, created: float,
+                 gateway4: str | None = None, ipv6: str = "block", dns4: str | None = None,
+                 dns6: str | None = None,
+                 saved_sysctls: dict[str, str] | None = None, ready: bool = False) -> None:
+        self.iface = iface
+        self.slot = slot
+        self.mark = mark
+        self.table = table
+        self.level = level
+        self.cgroup = cgroup  # absolute path of the group's cgroup
+        self.cgroup_nft_path = cgroup_nft_path  # the same, as nft wants it
+        self.created = created
+        self.gateway4 = gateway4
+        self.ipv6 = ipv6
+        self.dns4 = dns4
+        self.dns6 = dns6
+        self.saved_sysctls = saved_sysctls or {}  # per-interface sysctls to put back
+        # Set once every part of the group is in place. A record without it is the intent
+        # log of a setup that died half-way: never joined, only torn down and rebuilt.
+        self.ready = ready
+
+    def usable(self) -> bool:
+        """Whether processes may join this group: its setup completed and its cgroup
+        exists. Joining a half-built group could send traffic around the tunnel."""
+        return self.ready and os.path.isdir(self.cgroup)
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    @classmethod
+    def from_json(cls, text: str) -> GroupRecord:
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls.__slots__ if k in data})
+
+
+def locked(settings: Settings) -> FileLock:
+    """The global lock (``<state_dir>/lock``): every change to groups happens under it."""
+    return FileLock(settings.lock_path, settings.groups_dir)
+
+
+def record_path(settings: Settings, iface: str) -> str:
+    return os.path.join(settings.groups_dir, f"{iface}.json")
+
+
+def load(settings: Settings, iface: str) -> GroupRecord | None:
+    try:
+        with open(record_path(settings, iface)) as f:
+            return GroupRecord.from_json(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def load_all(settings: Settings) -> list[GroupRecord]:
+    try:
+        names = sorted(os.listdir(settings.groups_dir))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.endswith(".json"):
+            rec = load(settings, name[:-5])
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+def save(settings: Settings, rec: GroupRecord) -> None:
+    """Write atomically, so a reader never sees half a record."""
+    ensure_dir(settings.groups_dir)
+    write_json(record_path(settings, rec.iface), rec.to_dict())
+
+
+def delete(settings: Settings, iface: str) -> None:
+    remove_json(record_path(settings, iface))
+
+
+def remove_orphan_tmp(settings: Settings) -> list[str]:
+    """Remove the ``.tmp`` files of writers killed mid-write (a launcher killed while it
+    wrote its first record leaves one and nothing else). Call under :func:`locked`: every
+    writer holds it, so no ``.tmp`` found then belongs to a live writer. Returns a line
+    per file removed."""
+    return remove_orphan_tmp_in((settings.groups_dir, settings.state_dir))
+
+
+def free_slot(records: list[GroupRecord]) -> int:
+    used = {r.slot for r in records}
+    for slot in range(1, MAX_SLOT + 1):
+        if slot not in used:
+            return slot
+    raise ViaTunnelError(f"too many active groups (at most {MAX_SLOT})")
+
+
+def watcher_lock_path(settings: Settings, iface: str) -> str:
+    return os.path.join(settings.groups_dir, f"{iface}.watch")
+
+
+def watcher_pid(settings: Settings, iface: str) -> int | None:
+    """PID of the group's live watcher, or None."""
+    if not watcher_alive(settings, iface):
+        return None
+    try:
+        with open(watcher_lock_path(settings, iface)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def watcher_alive(settings: Settings, iface: str) -> bool:
+    """True while a watcher holds the group's watch lock (immune to PID reuse)."""
+    try:
+        fd = os.open(watcher_lock_path(settings, iface), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

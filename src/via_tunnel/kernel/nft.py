@@ -1,0 +1,166 @@
+"""Thin adapter over the libnftables Python binding (Debian ``python3-nftables``).
+
+Each public function is one atomic transaction: libnftables applies a whole command buffer
+or nothing. Errors carry what was sent, so a failure can be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from via_tunnel.core.errors import KernelError, ViaTunnelError
+from via_tunnel.core.plan import base_ruleset, level_ruleset, levels_in
+from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
+
+_ctx: Any = None  # JSON in and out: every change, and listings of sets
+_text_ctx: Any = None  # text out: listings of the whole table (see table_text)
+
+
+def _nft() -> Any:
+    global _ctx
+    if _ctx is None:
+        try:
+            import nftables  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ViaTunnelError(
+                "the libnftables Python binding is missing (Debian: apt install "
+                "python3-nftables; the venv needs --system-site-packages)"
+            ) from exc
+        ctx = nftables.Nftables()
+        ctx.set_json_output(True)
+        ctx.set_handle_output(True)
+        _ctx = ctx
+    return _ctx
+
+
+def preload() -> None:
+    """Load the binding now (and fail now if it is missing), before it is needed."""
+    _nft()
+
+
+def run_text(text: str) -> None:
+    """Apply nft command text as one transaction."""
+    rc, _out, err = _nft().cmd(text)
+    if rc != 0:
+        raise KernelError(f"nftables refused a change: {err.strip()}\n--- sent:\n{text}")
+
+
+def run_json(commands: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply a list of nft JSON commands as one transaction and return the parsed output."""
+    payload = {"nftables": commands}
+    rc, out, err = _nft().json_cmd(payload)
+    if rc != 0:
+        raise KernelError(
+            f"nftables refused a change: {str(err).strip()}\n--- sent:\n{json.dumps(payload)}"
+        )
+    return out if isinstance(out, dict) else {}
+
+
+def _text() -> Any:
+    global _text_ctx
+    if _text_ctx is None:
+        _nft()  # the import and its error message
+        import nftables
+
+        _text_ctx = nftables.Nftables()
+    return _text_ctx
+
+
+def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:
+    """A table as nft prints it (text), or None when it does not exist. ``family`` and
+    ``name`` are our fixed names, never user input (they are spliced into the command).
+
+    Text, not JSON, for two bugs of libnftables 1.0.6's JSON printer (seen here): it
+    cannot print the ``update @map { key : data }`` statement of our ruleset and writes a
+    warning straight to our stderr (the user's terminal); and it prints the flags of a
+    table with ``flags owner`` (trace's) as garbage or as nothing, which is not JSON."""
+    rc, out, _err = _text().cmd(f"list table {family} {name}")
+    return out if rc == 0 else None
+
+
+def table_exists(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> bool:
+    return table_text(family, name) is not None
+
+
+def list_elements(sets: tuple[str, ...], maps: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The named sets and maps of our table as nft JSON objects, with their elements
+    (those that do not exist are left out). The names are ours, never user input."""
+    objects: list[dict[str, Any]] = []
+    for kind, names in (("set", sets), ("map", maps)):
+        for name in names:
+            objects += list_json(f"list {kind} {NFT_FAMILY} {NFT_TABLE} {name}") or []
+    return objects
+
+
+def ensure_table(level: int) -> None:
+    """Create our table and the map/rule for ``level`` if missing (one transaction)."""
+    text = table_text()
+    if text is None:
+        change = base_ruleset()
+        have: set[int] = set()
+    else:
+        change, have = "", levels_in(text)
+    if level not in have:
+        change += level_ruleset(level)
+    if change:
+        run_text(change)
+
+
+def delete_table_command() -> dict[str, Any]:
+    return {"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}
+
+
+def list_json(command: str) -> list[dict[str, Any]] | None:
+    """The objects of an nft ``list`` command as JSON (metainfo dropped), or None when nft
+    refuses it (e.g. a table that does not exist). ``command`` is the caller's fixed text."""
+    rc, out, _err = _nft().cmd(command)
+    if rc != 0:
+        return None
+    try:
+        listing = json.loads(out)
+    except ValueError:  # see table_text: the JSON printer has bugs
+        raise KernelError(f"libnftables printed unreadable JSON for `{command}`") from None
+    return [o for o in listing.get("nftables", []) if "metainfo" not in o]
+
+
+def others_ruleset() -> list[dict[str, Any]] | None:
+    """Every table but ours, as ``nft -j list ruleset`` would give them (metainfo dropped).
+
+    Ours is left out because libnftables cannot print it as JSON (see :func:`table_text`)
+    and would write warnings to the user's terminal; so is a table the JSON printer
+    garbles (an owned one, see there), and one deleted meanwhile. The names come from a
+    text listing; each table is then listed by a JSON command, so no name read from the
+    kernel is spliced into command text. None when the tables cannot be listed at all."""
+    rc, out, _err = _text().cmd("list tables")
+    if rc != 0:
+        return None
+    names = [line.split()[1:] for line in out.splitlines() if line.startswith("table ")]
+    objects: list[dict[str, Any]] = []
+    for family_name in names:
+        if len(family_name) != 2 or tuple(family_name) == (NFT_FAMILY, NFT_TABLE):
+            continue
+        family, name = family_name
+        try:
+            rc, listing, _err = _nft().json_cmd(
+                {"nftables": [{"list": {"table": {"family": family, "name": name}}}]})
+        except ValueError:  # the binding's own json.loads of garbled output
+            continue
+        if rc == 0 and isinstance(listing, dict):
+            objects += [o for o in listing.get("nftables", []) if "metainfo" not in o]
+    return objects
+
+
+def group_counters(set_name: str) -> dict[tuple[int, str], tuple[int, int]]:
+    """(mark, interface) -> (packets, bytes) of the elements of one of our counter sets
+    (``tx`` or ``rx``); empty when the table or set is missing. ``set_name`` is ours."""
+    out: dict[tuple[int, str], tuple[int, int]] = {}
+    for obj in list_json(f"list set {NFT_FAMILY} {NFT_TABLE} {set_name}") or []:
+        for e in obj.get("set", {}).get("elem", []):
+            if not (isinstance(e, dict) and "elem" in e):
+                continue
+            mark, iface = e["elem"]["val"]["concat"]
+            counter = e["elem"].get("counter") or {}
+            out[(int(mark), str(iface))] = (int(counter.get("packets", 0)),
+                                            int(counter.get("bytes", 0)))
+    return out

@@ -1,0 +1,291 @@
+"""``via-tunnel trace IFACE [-- CMD...]``: watch a group's traffic live.
+
+One line per new connection of the group (who, where to, which interface it left by, the
+source address the far end sees) and per packet the kill switch drops, until Ctrl-C, or,
+with CMD, until CMD exits (then with CMD's exit status).
+
+How: a temporary table of our own (trace_rules.py) logs those packets to an NFLOG group
+that this process reads (trace_nflog.py); the sender is looked up in /proc
+(trace_who.py). The table is created with ``flags owner``, so the kernel removes it when
+this process dies, even by SIGKILL; on every other exit we delete it ourselves, and a
+leftover one is swept at the next start. Only one trace runs per network namespace: the
+table of a live trace belongs to it, and nobody else can change it.
+
+With CMD, the normal launcher starts it as our child, with our environment. It does not
+exec CMD directly but a gate that waits until we trace the group (whose mark is known
+only once the launcher has created or joined it): CMD's first packet is already seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from via_tunnel.core.errors import KernelError, ViaTunnelError
+from via_tunnel.core.names import validate_ifname
+from via_tunnel.core.settings import NFT_FAMILY, Settings
+from via_tunnel.group import state
+from via_tunnel.group.state import GroupRecord
+from via_tunnel.kernel.nflog import Flow, Logged, NflogSocket, flow_of
+from via_tunnel.trace.rules import (
+    PREFIX_DROP,
+    PREFIX_NEW,
+    TABLE,
+    delete_table_command,
+    group_elements,
+    table_commands,
+)
+from via_tunnel.trace.who import Who, who_sent
+
+POLL_SECONDS = 0.1  # how often the group's record is re-read (a group can end and restart)
+
+# Runs as CMD's process after the launcher put it in the group: says "in", waits for "go"
+# (EOF if trace died: then CMD never runs), restores the signals Python ignores (an ignored
+# signal stays ignored across exec) and execs CMD.
+_GATE = """\
+import os, signal, sys
+fd = int(sys.argv[1])
+os.write(fd, b"in")
+if os.read(fd, 2) != b"go":
+    sys.exit(125)
+os.close(fd)
+for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+    signal.signal(sig, signal.SIG_DFL)
+try:
+    os.execv(sys.argv[2], sys.argv[3:])
+except OSError as exc:
+    sys.stderr.write(f"via-tunnel: {sys.argv[3]}: {exc.strerror}\\n")
+    sys.exit(126)
+"""
+
+
+def run(iface: str, cmd: list[str]) -> int:
+    """Trace ``iface``'s group until stopped (exit 0) or, with ``cmd``, until CMD exits
+    (CMD's status; 128+N when a signal N ended it)."""
+    iface = validate_ifname(iface)
+    if os.geteuid() != 0:
+        raise ViaTunnelError("trace needs root (it adds an nft table and reads NFLOG)")
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        raise ViaTunnelError(f"no such interface {iface}") from None
+    settings = Settings.from_env()
+    if not cmd and _active(state.load(settings, iface)) is None:
+        raise ViaTunnelError(f"no active group for {iface}; start one with "
+                             f"`via-tunnel {iface} -- CMD` or give -- CMD")
+    path = None
+    if cmd:
+        from via_tunnel.kernel.execs import resolve
+
+        path = resolve(cmd[0])  # 127/126 now, before anything is changed
+    tracer = Tracer(settings, iface)
+    try:
+        tracer.start()
+        if path is None:
+            return tracer.follow(None)
+        return tracer.follow(tracer.launch(path, cmd))
+    finally:
+        tracer.stop()
+
+
+def _active(rec: GroupRecord | None) -> GroupRecord | None:
+    return rec if rec is not None and rec.usable() else None
+
+
+class Tracer:
+    """The trace of one interface's group: table, NFLOG socket, signals, output."""
+
+    def __init__(self, settings: Settings, iface: str) -> None:
+        self.settings = settings
+        self.iface = iface
+        self.nflog: NflogSocket | None = None
+        self.table = False
+        self.traced: GroupRecord | None = None  # the group whose mark is in our sets
+        self.stopping = False
+        self.child: subprocess.Popen[bytes] | None = None
+        self._old_handlers: dict[int, object] = {}
+
+    # -- setup and teardown ------------------------------------------------------------
+
+    def start(self) -> None:
+        from via_tunnel.kernel import nft
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self.nflog = NflogSocket()
+        if nft.table_exists(NFT_FAMILY, TABLE):
+            try:  # left by a trace that could not clean up (its owner flag died with it)
+                nft.run_json([delete_table_command()])
+            except KernelError:
+                raise ViaTunnelError("another via-tunnel trace is running in this network "
+                                     "namespace (one at a time)") from None
+        self.table = True  # from here on, stop() deletes it (a failed add is a no-op)
+        # Text for the table only: `flags owner` through JSON is ignored by nft 1.0.6
+        # (NOTES.md). Owned by this process's netlink socket, it dies with us.
+        nft.run_text(f"add table {NFT_FAMILY} {TABLE} {{ flags owner; }}")
+        nft.run_json(table_commands(self.nflog.group))
+        self._sync()
+        print(f"via-tunnel: tracing {self.iface} (Ctrl-C to stop)", file=sys.stderr,
+              flush=True)
+
+    def stop(self) -> None:
+        """Remove everything start() added; safe to call at any point, and twice."""
+        from via_tunnel.kernel import nft
+
+        if self.table:
+            with contextlib.suppress(ViaTunnelError):
+                nft.run_json([delete_table_command()])
+            self.table = False
+        if self.nflog is not None:
+            self.nflog.close()
+            self.nflog = None
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._old_handlers.clear()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.child is None:
+            self.stopping = True
+        elif signum != signal.SIGINT:  # Ctrl-C reaches CMD from the terminal by itself
+            with contextlib.suppress(OSError):
+                self.child.send_signal(signum)
+
+    def _sync(self) -> None:
+        """Put the group's current mark in our sets (it changes when the group ends and a
+        new one starts); an ended group's mark is removed at once, as another group may
+        get it next."""
+        from via_tunnel.kernel import nft
+
+        rec = state.load(self.settings, self.iface)
+        old = self.traced
+        if rec is not None and old is not None and (rec.mark, rec.created) == (
+                old.mark, old.created):
+            return
+        if old is not None:
+            with contextlib.suppress(KernelError):
+                nft.run_json(group_elements(old.mark, old.iface, "delete"))
+            self.traced = None
+            print(f"via-tunnel: the group of {self.iface} ended", file=sys.stderr, flush=True)
+        if rec is not None:
+            nft.run_json(group_elements(rec.mark, rec.iface, "add"))
+            self.traced = rec
+            if old is not None:
+                print(f"via-tunnel: a new group of {self.iface} started", file=sys.stderr,
+                      flush=True)
+
+    # -- CMD -----------------------------------------------------------------------------
+
+    def launch(self, path: str, cmd: list[str]) -> subprocess.Popen[bytes] | int:
+        """Start CMD in the group through the launcher; the Popen once CMD is about to run,
+        or the launcher's exit status when it failed (it has said why on stderr)."""
+        if self.stopping:  # Ctrl-C before CMD started: do not start it
+            return 130
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-m", "via_tunnel", self.iface, "--",
+                sys.executable, "-I", "-c", _GATE, str(theirs.fileno()), path, *cmd]
+        try:
+            self.child = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
+            theirs.close()
+            while not self.child_exited():
+                ready, _, _ = select.select([ours], [], [], POLL_SECONDS)
+                if not ready:
+                    continue
+                if ours.recv(2) != b"in":  # the launcher failed before CMD's turn
+                    break
+                self._sync()  # CMD is in the group: trace the group, then let CMD go
+                ours.send(b"go")
+                return self.child
+            return _status(self.child)
+        finally:
+            theirs.close()
+            ours.close()
+
+    def child_exited(self) -> bool:
+        return self.child is not None and self.child.poll() is not None
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def follow(self, child: subprocess.Popen[bytes] | int | None) -> int:
+        """Print events until stopped or until ``child`` exits; the exit status."""
+        if isinstance(child, int):
+            return child
+        assert self.nflog is not None
+        while not self.stopping:
+            if child is not None and child.poll() is not None:
+                self._drain()
+                return _status(child)
+            ready, _, _ = select.select([self.nflog], [], [], POLL_SECONDS)
+            if ready:
+                self._read()
+            self._sync()
+        return 0
+
+    def _drain(self) -> None:
+        """Print what was logged before CMD exited and is still queued."""
+        assert self.nflog is not None
+        while select.select([self.nflog], [], [], 0)[0]:
+            self._read()
+
+    def _read(self) -> None:
+        assert self.nflog is not None
+        packets, lost = self.nflog.read()
+        if lost:
+            print("via-tunnel: some events were lost (too many at once)", file=sys.stderr,
+                  flush=True)
+        for logged in packets:
+            line = self._describe(logged)
+            if line is not None:
+                try:
+                    print(line, flush=True)
+                except BrokenPipeError:  # `trace ... | head`: the reader is done
+                    self.stopping = True
+                    return
+
+    def _describe(self, logged: Logged) -> str | None:
+        flow = flow_of(logged.payload)
+        if flow is None or logged.prefix not in (PREFIX_NEW, PREFIX_DROP):
+            return None
+        rec = self.traced
+        who = who_sent(flow, rec.cgroup) if rec is not None else None
+        return format_line(time.time(), logged.prefix == PREFIX_DROP, flow, who,
+                           _ifname(logged.outdev))
+
+
+def format_line(when: float, dropped: bool, flow: Flow, who: Who | None, oif: str) -> str:
+    """One line of output. For a new connection ``flow`` is the packet after masquerade:
+    its source is what the far end sees; the program's own address is the socket's."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
+    pid = f"pid {who.pid} {who.comm}" if who is not None else "pid ?"
+    if who is not None and who.local not in ("0.0.0.0", "::"):
+        src = _endpoint(who.local, who.lport)
+    else:
+        src = _endpoint(flow.src, flow.sport)
+    where = f"{flow.proto} {src} -> {_endpoint(flow.dst, flow.dport)}"
+    if dropped:
+        return f"{stamp}  DROPPED by kill switch  {pid}  {where}  (would leave by {oif})"
+    return f"{stamp}  {pid}  {where}  via {oif} from {flow.src}"
+
+
+def _endpoint(addr: str, port: int | None) -> str:
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _ifname(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return f"ifindex {index}"  # already gone
+
+
+def _status(child: subprocess.Popen[bytes]) -> int:
+    code = child.wait()
+    return 128 - code if code < 0 else code
