@@ -101,16 +101,22 @@ def test_fwmark_overlapping_our_mark_bits_fails(mark: int, mask: int) -> None:
     assert f"0x{mark:x}/0x{mask:x}" in found.detail
 
 
-def test_catch_all_rule_before_ours_warns_and_specific_ones_do_not() -> None:
-    found = finding(IpRule(priority=1000, table=100))
+def test_catch_all_rule_before_our_entry_warns_and_specific_ones_do_not() -> None:
+    found = finding(IpRule(priority=0, table=100), before_entry=True)
     assert found is not None and (found.name, found.status) == ("ip-rules:before", WARN)
-    found = finding(IpRule(priority=1000, action=FR_ACT_BLACKHOLE))
+    assert found.fix == ("ip rule del from all lookup 100 priority 0 && "
+                         "ip rule add from all lookup 100 priority 1  (a group's packets "
+                         "jump over priorities 1-5099)")
+    found = finding(IpRule(priority=0, action=FR_ACT_BLACKHOLE), before_entry=True)
     assert found is not None and "dropped" in found.detail
-    assert finding(IpRule(priority=1000, table=100, src="10.0.0.0/8")) is None
-    assert finding(IpRule(priority=1000, table=100, iif="eth0")) is None
-    assert finding(IpRule(priority=1000, table=100, iif="lo")) is not None
-    assert finding(IpRule(priority=1000, table=100, fwmark=0x1)) is None  # not our marks
-    assert finding(LOCAL) is None  # the kernel's own local-table rule
+    assert finding(IpRule(priority=0, table=100, src="10.0.0.0/8"), before_entry=True) is None
+    assert finding(IpRule(priority=0, table=100, iif="eth0"), before_entry=True) is None
+    assert finding(IpRule(priority=0, table=100, iif="lo"), before_entry=True) is not None
+    assert finding(IpRule(priority=0, table=100, fwmark=0x1), before_entry=True) is None
+    assert finding(LOCAL, before_entry=True) is None  # the kernel's own local-table rule
+    # After our entry rule, or at priorities a group's packets jump over: harmless.
+    assert finding(IpRule(priority=0, table=100)) is None
+    assert finding(IpRule(priority=1000, table=100), before_entry=True) is None
 
 
 def test_matched_marks_honours_invert() -> None:
@@ -143,12 +149,21 @@ def test_known_neighbours_coexist_with_an_explanation() -> None:
     assert "bypass" in wg.detail and "not from all fwmark 0xca6c lookup 51820" in wg.detail
 
 
-def test_wg_quick_placed_before_ours_warns() -> None:
-    early = [IpRule(priority=5000, table=254, suppress_prefixlen=0),
-             IpRule(priority=5001, fwmark=0xCA6C, table=0xCA6C, invert=True)]
-    checks = classify([*KERNEL, *early])
+ENTRY = IpRule(priority=0, fwmark=0x8000_0000, fwmask=0x8000_0000, action=2)
+WG_AT_0 = [IpRule(priority=0, table=254, suppress_prefixlen=0),
+           IpRule(priority=0, fwmark=0xCA6C, table=0xCA6C, invert=True)]
+
+
+def test_wg_quick_added_before_our_entry_rule_warns() -> None:
+    # Both at priority 0: what the dump lists first is tried first.
+    checks = classify([LOCAL, *WG_AT_0, ENTRY])
     assert [c.name for c in checks] == ["ip-rules:before", "ip-rules:before"]
     assert all(c.status == WARN for c in checks)
+
+
+def test_wg_quick_added_while_a_group_runs_lands_after_our_entry_and_is_fine() -> None:
+    checks = classify([LOCAL, ENTRY, *WG_AT_0])
+    assert [(c.name, c.status) for c in checks] == [("ip-rules", OK), ("neighbour:wg-quick", OK)]
 
 
 def test_from_netlink_reads_a_kernel_dump() -> None:
@@ -209,7 +224,7 @@ def test_rp_filter_verdicts() -> None:
     assert rp_filter_verdict("rp", 2, 0, 3, "x").status == OK
     assert rp_filter_verdict("rp", 1, 1, 3, "x").status == OK
     idle = rp_filter_verdict("rp", 1, 0, 0, "x")
-    assert idle.status == OK and "src_valid_mark=1 while a group" in idle.detail
+    assert idle.status == OK and "src_valid_mark=1 when a group starts" in idle.detail
     broken = rp_filter_verdict("rp", 1, 0, 2, "x")
     assert broken.status == FAIL and broken.fix == \
         "sysctl -w net.ipv4.conf.all.src_valid_mark=1"

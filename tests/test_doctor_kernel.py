@@ -125,10 +125,16 @@ def test_clean_lab_no_fail_and_doctor_changes_nothing(lab: Lab, denv: dict[str, 
         assert want in names
     assert all(c["status"] == "ok" for c in checks if c["name"].startswith("kernel:"))
     assert one(checks, "cgroup2")["detail"].startswith(f"cgroup2 mounted at {cgroup2_mount()}")
-    # The lab's client is strict with src_valid_mark 0 and no group: fine, and explained.
+    # The lab's client is strict with src_valid_mark 1: fine, and explained.
     rp = one(checks, "rp_filter")
     assert rp["status"] == "ok" and "strict" in rp["detail"]
-    assert "src_valid_mark=1 while a group" in rp["detail"]
+    assert "takes the mark into account" in rp["detail"]
+    lab.run(lab.client, ["sysctl", "-qw", "net.ipv4.conf.all.src_valid_mark=0"])
+    try:  # at 0 and no group: fine too, and explained
+        _rc, checks = doctor(lab, denv, "tun0")
+    finally:
+        lab.run(lab.client, ["sysctl", "-qw", "net.ipv4.conf.all.src_valid_mark=1"])
+    assert "src_valid_mark=1 when a group starts" in one(checks, "rp_filter")["detail"]
     assert one(checks, "iface:nexthop")["detail"] == "tun0 is point-to-point: no next hop needed"
 
 

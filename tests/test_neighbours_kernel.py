@@ -11,6 +11,7 @@ captures on the interface the traffic must *not* use.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 
@@ -123,3 +124,65 @@ def test_bypass_and_tunnel_groups_next_to_ordinary_traffic(
     finally:
         bypass.stdin.close()
         assert bypass.wait(timeout=10) == 0
+
+
+def _rules(lab: Lab) -> list[dict[str, object]]:
+    return json.loads(lab.run(lab.client, ["ip", "-j", "-4", "rule", "show"]).stdout)
+
+
+WG_RULES = (["not", "fwmark", str(WG), "table", str(WG)],
+            ["table", "main", "suppress_prefixlength", "0"])
+
+
+def test_wg_quick_restarted_while_a_group_runs_lands_after_our_entry_rule(
+        wglab: Lab, env: dict[str, str]) -> None:
+    """wg-quick adds its rules without a priority: the kernel gives them the priority of the
+    second rule minus one, which once put them ahead of a group's rules. Now they land at 0,
+    behind our entry rule, and the bypassing group keeps the LAN."""
+    fetch_cmd = " ".join(wglab.fetch_argv(timeout=3))
+    bypass = via_popen(wglab, env, "eth0", "--", "sh", "-c",
+                       f"while read x; do {fetch_cmd} || echo FAIL; done",
+                       stdin=subprocess.PIPE)
+    assert bypass.stdin is not None and bypass.stdout is not None
+    c = wglab.client
+    try:
+        wait_for(lambda: any(r.get("priority") == 0 and r.get("goto") for r in _rules(wglab)),
+                 timeout=5, what="our entry rule")
+        for rule in WG_RULES:  # `wg-quick down; wg-quick up` while the group runs
+            wglab.run(c, ["ip", "-4", "rule", "del", *rule])
+        for rule in WG_RULES:
+            wglab.run(c, ["ip", "-4", "rule", "add", *rule])
+        order = [(r.get("priority"), r.get("table"), r.get("goto")) for r in _rules(wglab)]
+        entry = order.index((0, None, 5100))
+        assert order[entry + 1:entry + 3] == [(0, str(WG), None), (0, "main", None)], order
+        with Capture(wglab, c, "tun0", SERVER_BPF) as tunnel:
+            bypass.stdin.write("go\n")
+            bypass.stdin.flush()
+            assert bypass.stdout.readline().strip() == Lab.CLIENT_LAN
+        assert tunnel.packets() == []
+        assert fetch(wglab) == Lab.CLIENT_TUN  # everything else still takes the full tunnel
+    finally:
+        bypass.stdin.close()
+        assert bypass.wait(timeout=10) == 0
+        for rule, prio in zip(WG_RULES, ("32765", "32764"), strict=True):  # as the fixture
+            wglab.run(c, ["ip", "-4", "rule", "del", *rule], check=False)
+            wglab.run(c, ["ip", "-4", "rule", "add", *rule, "priority", prio])
+
+
+def test_the_hosts_other_packets_skip_the_groups_rules(wglab: Lab, env: dict[str, str]) -> None:
+    """With groups up, a packet without our flag meets two rules of ours (priority 0 and
+    the skip at 5099), not one per group."""
+    holders = [via_popen(wglab, env, iface, "--", "sleep", "30") for iface in ("eth0", "tun0")]
+    try:
+        wait_for(lambda: sum(r.get("priority") == 5100 for r in _rules(wglab)) == 2,
+                 timeout=5, what="two groups' rules")
+        ours = [r for r in _rules(wglab) if r.get("priority") in (0, 5099, 5100, 5101)
+                and r.get("table") != "local"]
+        skip = next(r for r in ours if r.get("priority") == 5099)
+        assert "not" in skip and skip.get("goto") == 5101, skip
+        catch = next(r for r in ours if r.get("priority") == 5101)
+        assert catch.get("action") == "unreachable", catch
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait(timeout=5)

@@ -44,10 +44,10 @@ def test_a_missing_state_dir_is_not_an_error(tmp_path: Path) -> None:
     state.delete(settings, "vlan3")
 
 
-def test_restoring_sysctls_after_a_kill_mid_save_removes_the_half_written_file(
+def test_the_sysctls_saved_by_earlier_versions_are_forgotten_with_their_half_written_file(
         tmp_path: Path) -> None:
     settings = Settings(state_dir=str(tmp_path))
-    # Killed while saving the values it found: none was changed yet, nothing to write back.
+    Path(settings.sysctl_path).write_text('{"/proc/sys/net/ipv4/conf/all/src_valid_mark": "0"}')
     Path(settings.sysctl_path + ".tmp").write_text('{"/proc/sys/net/ipv4/conf/all/src_v')
-    sysctl.restore(settings)
+    sysctl.forget_saved(settings)
     assert list(tmp_path.iterdir()) == []

@@ -15,11 +15,14 @@ from typing import Any, Literal
 
 from via_tunnel.core.errors import ViaTunnelError
 from via_tunnel.core.settings import (
+    CATCH_PRIORITY,
+    ENTRY_PRIORITY,
     MARK_FLAG,
     MARK_MASK,
     NFT_FAMILY,
     NFT_TABLE,
     RULE_PRIORITY,
+    SKIP_PRIORITY,
     UNREACHABLE_METRIC,
     mark_for_slot,
     table_for_slot,
@@ -60,13 +63,19 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """``ip rule add fwmark MARK/MASK lookup TABLE priority PRIORITY`` for one family."""
+    """``ip rule add [not] fwmark MARK/MASK ACTION priority PRIORITY`` for one family.
+
+    ``action`` is ``lookup`` (``table``), ``goto`` (the rule at priority ``goto``) or
+    ``unreachable``; ``invert`` matches the packets whose mark does *not* match."""
 
     family: int
     priority: int
     fwmark: int
     fwmask: int
-    table: int
+    table: int = 0
+    action: Literal["lookup", "goto", "unreachable"] = "lookup"
+    goto: int = 0
+    invert: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,30 @@ def group_rules(mark: int, table: int) -> tuple[RuleSpec, ...]:
     """The ip rules (v4 and v6) that send a group's marked packets to its table."""
     return tuple(RuleSpec(fam, RULE_PRIORITY, mark, MARK_MASK, table)
                  for fam in (AF_INET, AF_INET6))
+
+
+def shared_rules() -> tuple[RuleSpec, ...]:
+    """The ip rules (v4 and v6) every group relies on, in the order they are added (the
+    target of a goto before the goto); removed in reverse once the last group is gone.
+
+    * priority 0, right after ``local``: a packet with our flag goes to the groups' rules,
+      ahead of whatever is added later without a priority (wg-quick, Tailscale's fallback,
+      scripts): the kernel gives such a rule priority 0 behind ours;
+    * ``SKIP_PRIORITY``: any other packet jumps over the groups' rules, so the host's own
+      traffic pays for two rules whatever the number of groups;
+    * ``CATCH_PRIORITY``: a packet with our flag whose group has no rule (being set up or
+      torn down) is unreachable, never routed by ``main``.
+    """
+    rules = []
+    for fam in (AF_INET, AF_INET6):
+        rules += [
+            RuleSpec(fam, CATCH_PRIORITY, MARK_FLAG, MARK_FLAG, action="unreachable"),
+            RuleSpec(fam, SKIP_PRIORITY, MARK_FLAG, MARK_FLAG, action="goto",
+                     goto=CATCH_PRIORITY, invert=True),
+            RuleSpec(fam, ENTRY_PRIORITY, MARK_FLAG, MARK_FLAG, action="goto",
+                     goto=RULE_PRIORITY),
+        ]
+    return tuple(rules)
 
 
 def split_resolvers(dns: tuple[str, ...]) -> tuple[str | None, str | None]:

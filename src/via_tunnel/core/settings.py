@@ -18,7 +18,13 @@ MARK_MASK = 0xFF00_0000
 SLOT_SHIFT = 24
 MAX_SLOT = 0x7F
 TABLE_BASE = 0x7674_0000  # "vt" << 16; routing table id = TABLE_BASE + slot
-RULE_PRIORITY = 5100  # before Tailscale (5210+), wg-quick and the main table (32766)
+# ip rules: a marked packet is sent from priority 0 (right after `local`) straight to the
+# groups' rules; a rule added later without a priority (wg-quick, scripts) gets priority 0 too
+# and lands *after* ours (the kernel inserts it behind every rule of the same priority).
+ENTRY_PRIORITY = 0  # fwmark FLAG/FLAG goto RULE_PRIORITY
+SKIP_PRIORITY = 5099  # not fwmark FLAG/FLAG goto CATCH_PRIORITY: others skip the groups' rules
+RULE_PRIORITY = 5100  # one rule per group: fwmark MARK/MASK lookup TABLE
+CATCH_PRIORITY = 5101  # fwmark FLAG/FLAG unreachable: a group's packet never reaches main
 UNREACHABLE_METRIC = 0xFFFF_FFFF  # kill-switch route: behind every real default
 NFT_TABLE = "via_tunnel"
 NFT_FAMILY = "inet"

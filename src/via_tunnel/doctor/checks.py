@@ -250,8 +250,8 @@ def rp_filter_verdict(name: str, rp_filter: int, src_valid_mark: int, active: in
                      f"the replies arriving on their interfaces (someone reset the sysctl "
                      f"via-tunnel set)",
                      "sysctl -w net.ipv4.conf.all.src_valid_mark=1")
-    return Check(name, OK, f"{found}: fine, via-tunnel sets src_valid_mark=1 while a group "
-                           f"is active (puts the old value back after) and marks packets "
+    return Check(name, OK, f"{found}: fine, via-tunnel sets src_valid_mark=1 when a group "
+                           f"starts (and leaves it so, as wg-quick does) and marks packets "
                            f"arriving on the interface, so replies pass strict rp_filter")
 
 

@@ -1,16 +1,21 @@
 """Doctor: the host's ip rules against via-tunnel's footprint (pure; no I/O here).
 
-Our footprint (settings.py): rules at priority 5100, ``fwmark 0x80000000|slot<<24/0xff000000
-lookup 0x76740000+slot`` for slots 1..127. A foreign rule can hurt us, or we it, in four ways,
-checked in this order (a rule gets at most one finding, the most serious):
+Our footprint (core/settings.py, core/plan.py ``shared_rules``): at priority 0, right after
+``local``, ``fwmark 0x80000000/0x80000000 goto 5100``; at 5099 the host's other packets jump
+over the groups' rules; at 5100 one ``fwmark 0x80000000|slot<<24/0xff000000 lookup
+0x76740000+slot`` per group; at 5101 ``fwmark 0x80000000/0x80000000 unreachable``. A foreign
+rule can hurt us, or we it, in four ways, checked in this order (a rule gets at most one
+finding, the most serious):
 
 1. it uses one of our tables: a group in that slot shares it, and its teardown flushes it;
 2. its fwmark selects marks in our bits (bit 31, or bits that equal one of our marks): our
    nft rules take their packets for a group's, our rules route them, or theirs route ours;
 3. it sits at our priority: rules of one priority are tried in insertion order, so one that
    matches our marks may take a group's packets first;
-4. it comes before ours and matches every packet of a group (no selector, or an inverted
-   fwmark such as wg-quick's placed too early): a group's packets take its table.
+4. it comes before our entry rule (priority 0, listed before it: added while no group ran)
+   and matches every packet of a group (no selector, or an inverted fwmark such as
+   wg-quick's): a group's packets take its table. Rules at priorities 1-5099 are jumped
+   over by a group's packets and those after 5101 never see them.
 
 Rules that pass are fine, and the known neighbours among them (Tailscale, wg-quick, Mullvad;
 NOTES.md) get an OK line that says why they coexist.
@@ -23,10 +28,13 @@ from socket import AF_INET6
 from typing import Any
 
 from via_tunnel.core.settings import (
+    CATCH_PRIORITY,
+    ENTRY_PRIORITY,
     MARK_FLAG,
     MARK_MASK,
     MAX_SLOT,
     RULE_PRIORITY,
+    SKIP_PRIORITY,
     TABLE_BASE,
     mark_for_slot,
 )
@@ -43,7 +51,8 @@ LOCAL_TABLE = 255
 NO_SUPPRESS = 0xFFFF_FFFF
 OUR_TABLES = range(TABLE_BASE + 1, TABLE_BASE + MAX_SLOT + 1)
 OUR_MARKS = tuple(mark_for_slot(s) for s in range(1, MAX_SLOT + 1))
-FOOTPRINT = (f"priority {RULE_PRIORITY}, tables 0x{OUR_TABLES[0]:x}-0x{OUR_TABLES[-1]:x}, "
+FOOTPRINT = (f"priorities {ENTRY_PRIORITY}, {SKIP_PRIORITY}-{CATCH_PRIORITY}, "
+             f"tables 0x{OUR_TABLES[0]:x}-0x{OUR_TABLES[-1]:x}, "
              f"marks 0x80000000|slot<<24 under mask 0x{MARK_MASK:08x}")
 
 TAILSCALE_TABLE = 52
@@ -105,7 +114,14 @@ class IpRule:
 
     def describe(self) -> str:
         """Roughly as ``ip rule show`` prints it, with the family in front."""
-        parts = ["ip -6 rule" if self.family == AF_INET6 else "ip rule", f"{self.priority}:"]
+        return f"{self.command()} {self.priority}: {self.selector()}"
+
+    def command(self) -> str:
+        return "ip -6 rule" if self.family == AF_INET6 else "ip rule"
+
+    def selector(self) -> str:
+        """The rule without its priority, as ``ip rule add`` and ``del`` take it."""
+        parts = []
         if self.invert:
             parts.append("not")
         parts += ["from", self.src or "all"]
@@ -125,6 +141,16 @@ class IpRule:
         if self.suppress_prefixlen is not None:
             parts += ["suppress_prefixlength", str(self.suppress_prefixlen)]
         return " ".join(parts)
+
+
+def is_shared(rule: IpRule) -> bool:
+    """Whether ``rule`` is one of the rules every group relies on (plan.shared_rules)."""
+    if (rule.fwmark != MARK_FLAG or rule.fwmask != MARK_FLAG
+            or rule.src or rule.dst or rule.iif or rule.oif):
+        return False
+    return ((rule.priority, rule.action, rule.invert) in {
+        (ENTRY_PRIORITY, FR_ACT_GOTO, False), (SKIP_PRIORITY, FR_ACT_GOTO, True),
+        (CATCH_PRIORITY, FR_ACT_UNREACHABLE, False)})
 
 
 def our_slot(rule: IpRule) -> int | None:
@@ -151,9 +177,10 @@ def catches_group_packets(rule: IpRule) -> bool:
             and rule.iif in (None, "lo"))
 
 
-def finding(rule: IpRule) -> Check | None:
-    """The most serious way ``rule`` collides with our footprint, or None (see module doc)."""
-    if our_slot(rule) is not None:
+def finding(rule: IpRule, before_entry: bool = False) -> Check | None:
+    """The most serious way ``rule`` collides with our footprint, or None (see module doc).
+    ``before_entry``: the rule is tried before our entry rule (or there is none yet)."""
+    if our_slot(rule) is not None or is_shared(rule):
         return None
     desc = rule.describe()
     if rule.table in OUR_TABLES and rule.action in (FR_ACT_TO_TBL, FR_ACT_GOTO):
@@ -188,18 +215,20 @@ def finding(rule: IpRule) -> Check | None:
             f"group's marks, so no conflict now, but the order within one priority is "
             f"only insertion order",
             f"give it another priority (N != {RULE_PRIORITY})")
-    if (rule.priority < RULE_PRIORITY and rule.action in _DECIDING
+    if (before_entry and rule.priority <= ENTRY_PRIORITY and rule.action in _DECIDING
             and not (rule.action == FR_ACT_TO_TBL and rule.table == LOCAL_TABLE)
             and catches_group_packets(rule)):
         where = (f"where table {rule.table} has a route, a group's packets take it instead "
                  f"of the group's interface" if rule.action in (FR_ACT_TO_TBL, FR_ACT_GOTO)
                  else "a group's packets are dropped by it")
+        sel = rule.selector()
         return Check(
             "ip-rules:before", WARN,
-            f"'{desc}' comes before via-tunnel's rules ({RULE_PRIORITY}) and matches every "
-            f"packet of a group: {where}",
-            f"give it a priority above {RULE_PRIORITY}, or a selector that excludes marks "
-            f"0x80000000/0x80000000")
+            f"'{desc}' comes before via-tunnel's entry rule (priority {ENTRY_PRIORITY}, "
+            f"tried in the order added) and matches every packet of a group: {where}",
+            f"{rule.command()} del {sel} priority {rule.priority} && "
+            f"{rule.command()} add {sel} priority 1  (a group's packets jump over "
+            f"priorities 1-{SKIP_PRIORITY})")
     return None
 
 
@@ -218,15 +247,15 @@ def neighbour(rule: IpRule) -> str | None:
 def _neighbour_check(name: str, rules: list[IpRule]) -> Check:
     first = min(rules, key=lambda r: r.priority)
     if name == "tailscale":
-        detail = (f"Tailscale's rules ({first.describe()}, ...) sit at 5210-5270 after "
-                  f"via-tunnel's {RULE_PRIORITY} and use mark bits 0xff0000: no overlap")
+        detail = (f"Tailscale's rules ({first.describe()}, ...) sit at 5210-5270, which a "
+                  f"group's packets never reach, and use mark bits 0xff0000: no overlap")
     elif name == "mullvad":
         detail = (f"Mullvad's rules ({first.describe()}, ...) use mark 0x{MULLVAD_MARK:x} "
                   f"(bit 31 clear): no overlap with via-tunnel's marks")
     else:
         detail = (f"a wg-quick style full tunnel ({'; '.join(r.describe() for r in rules[:2])}"
-                  f"{', ...' if len(rules) > 2 else ''}) comes after via-tunnel's rules "
-                  f"({RULE_PRIORITY}): a group leaves by its own interface, so "
+                  f"{', ...' if len(rules) > 2 else ''}) comes after via-tunnel's entry rule: "
+                  f"a group leaves by its own interface, so "
                   f"`via-tunnel eth0 -- app` lets one program bypass the full tunnel")
     return Check(f"neighbour:{name}", OK, detail)
 
@@ -237,9 +266,12 @@ def classify(rules: Iterable[IpRule]) -> list[Check]:
     out: list[Check] = []
     neighbours: dict[str, list[IpRule]] = {}
     count = 0
+    entry_seen: set[int] = set()  # families whose entry rule came already (dump order)
     for rule in rules:
         count += 1
-        found = finding(rule)
+        if is_shared(rule) and rule.priority == ENTRY_PRIORITY:
+            entry_seen.add(rule.family)
+        found = finding(rule, before_entry=rule.family not in entry_seen)
         if found is not None:
             out.append(found)
             continue

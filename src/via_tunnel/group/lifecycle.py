@@ -21,7 +21,14 @@ import os
 import time
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
-from via_tunnel.core.plan import GroupPlan, IPv6Mode, RuleSpec, group_elements, group_rules
+from via_tunnel.core.plan import (
+    GroupPlan,
+    IPv6Mode,
+    RuleSpec,
+    group_elements,
+    group_rules,
+    shared_rules,
+)
 from via_tunnel.core.settings import (
     MARK_MASK,
     MAX_SLOT,
@@ -99,12 +106,12 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
                       dns4=plan.dns4, dns6=plan.dns6)
     state.save(settings, rec)
     try:
-        sysctl.ensure(settings)
+        sysctl.ensure()
         if plan.sysctls:
             rec.saved_sysctls = sysctl.apply_saving(plan.sysctls)
             state.save(settings, rec)
         cgroup.make(path)
-        netlink.apply(plan.rules, plan.routes)
+        netlink.apply(plan.rules + shared_rules(), plan.routes)
         _nft_attach(plan)
         rec.ready = True
         state.save(settings, rec)
@@ -149,13 +156,15 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         else:
             _nft_detach(plan)
     netlink.remove(plan.rules, [rec.table])
+    if not others:
+        netlink.remove(shared_rules()[::-1], [])
     sysctl.put_back(rec.saved_sysctls)
     cgroup.remove(rec.cgroup)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state.watcher_lock_path(settings, rec.iface))
     state.delete(settings, rec.iface)
     if not others:
-        sysctl.restore(settings)
+        sysctl.forget_saved(settings)
         with contextlib.suppress(OSError):  # our subtree, if nothing else lives in it
             os.rmdir(os.path.dirname(rec.cgroup))
 
@@ -199,7 +208,7 @@ def repair(settings: Settings, iface: str) -> bool:
                           cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
                           ipv6="block" if rec.ipv6 == "block" else "auto",
                           dns=tuple(a for a in (rec.dns4, rec.dns6) if a))
-        netlink.apply(plan.rules, plan.routes)
+        netlink.apply(plan.rules + shared_rules(), plan.routes)
     except ViaTunnelError:
         # Down, gone, changed beyond use, or half back (an IPv6 next hop before its
         # prefix route): stay closed; the next rtnetlink event brings us back here.
@@ -304,16 +313,17 @@ def cleanup(settings: Settings) -> list[str]:
         if slot not in live_slots:
             stray_tables.append(table_for_slot(slot))
             stray_rules.extend(group_rules(mark_for_slot(slot), table_for_slot(slot)))
-    present = netlink.our_rules_and_tables(stray_rules, stray_tables)
-    if present:
-        netlink.remove(present[0], present[1])
-        done.append(f"removed {len(present[0])} stray ip rule(s), "
-                    f"{len(present[1])} stray table(s)")
+    if not live:
+        stray_rules.extend(shared_rules()[::-1])
+    rules, tables = netlink.our_rules_and_tables(stray_rules, stray_tables)
+    if rules or tables:
+        netlink.remove(rules, tables)
+        done.append(f"removed {len(rules)} stray ip rule(s), {len(tables)} stray table(s)")
     if not live:
         if nft.table_exists():
             nft.run_json([nft.delete_table_command()])
             done.append("removed nft table inet via_tunnel")
-        sysctl.restore(settings)
+        sysctl.forget_saved(settings)
         mount = cgroup.cgroup2_mount()
         subtree = os.path.join(mount, settings.cgroup_subtree)
         if os.path.isdir(subtree):

@@ -175,7 +175,8 @@ def _tolerating(codes: set[int], what: str, call: Callable[..., None], **kwargs:
 
 def _rule_args(spec: RuleSpec) -> dict[str, Any]:
     return {"family": spec.family, "priority": spec.priority, "fwmark": spec.fwmark,
-            "fwmask": spec.fwmask, "table": spec.table}
+            "fwmask": spec.fwmask, "table": spec.table, "action": spec.action,
+            "goto": spec.goto, "invert": spec.invert}
 
 
 def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
@@ -215,9 +216,11 @@ def our_rules_and_tables(
     """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps).
     Each table is dumped on its own: the kernel filters, so a host with a full routing
     table is not read through Python."""
-    from via_tunnel.kernel.rtnl import NetlinkError
+    from via_tunnel.kernel.rtnl import FIB_RULE_INVERT, RULE_ACTIONS, NetlinkError
 
-    wanted = {(r.family, r.priority, r.fwmark, r.fwmask, r.table): r for r in rules}
+    action_names = {number: name for name, number in RULE_ACTIONS.items()}
+    wanted = {(r.family, r.priority, r.fwmark, r.fwmask, r.table, r.action, r.goto,
+               r.invert): r for r in rules}
     found_rules: list[RuleSpec] = []
     found_tables: set[int] = set()
     with open_rtnl() as rt:
@@ -227,9 +230,13 @@ def our_rules_and_tables(
             except NetlinkError as exc:
                 raise KernelError(f"cannot {exc.strerror}") from exc
             for msg in msgs:
+                action = action_names.get(int(msg["action"]), "")
+                table = msg.get_attr("FRA_TABLE") or msg["table"]
                 key = (family, msg.get_attr("FRA_PRIORITY") or 0,
                        msg.get_attr("FRA_FWMARK") or 0, msg.get_attr("FRA_FWMASK") or 0,
-                       msg.get_attr("FRA_TABLE") or msg["table"])
+                       table if action == "lookup" else 0, action,
+                       msg.get_attr("FRA_GOTO") or 0,
+                       bool(int(msg["flags"]) & FIB_RULE_INVERT))
                 if key in wanted:
                     found_rules.append(wanted[key])
             found_tables.update(t for t in tables if _routes(rt, family, t))

@@ -52,6 +52,10 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255  # in a delete: any scope
 RT_TABLE_UNSPEC = 0
 FR_ACT_TO_TBL = 1
+FR_ACT_GOTO = 2
+FR_ACT_UNREACHABLE = 7
+FIB_RULE_INVERT = 0x2
+RULE_ACTIONS = {"lookup": FR_ACT_TO_TBL, "goto": FR_ACT_GOTO, "unreachable": FR_ACT_UNREACHABLE}
 
 SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
@@ -221,16 +225,16 @@ class Rtnl:
         self._change(msg, RTM_DELROUTE, 0, what)
 
     def add_rule(self, *, family: int, priority: int, fwmark: int, fwmask: int, table: int,
-                 what: str) -> None:
-        """``ip rule add fwmark MARK/MASK lookup TABLE priority PRIORITY``; EEXIST if
-        the same rule is there."""
-        self._change(_rule_msg(family, priority, fwmark, fwmask, table), RTM_NEWRULE,
-                     NLM_F_CREATE | NLM_F_EXCL, what)
+                 action: str, goto: int, invert: bool, what: str) -> None:
+        """``ip rule add [not] fwmark MARK/MASK ACTION priority PRIORITY`` (ACTION: lookup
+        TABLE, goto GOTO or unreachable); EEXIST if the same rule is there."""
+        msg = _rule_msg(family, priority, fwmark, fwmask, table, action, goto, invert)
+        self._change(msg, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, what)
 
     def delete_rule(self, *, family: int, priority: int, fwmark: int, fwmask: int,
-                    table: int, what: str) -> None:
-        self._change(_rule_msg(family, priority, fwmark, fwmask, table), RTM_DELRULE, 0,
-                     what)
+                    table: int, action: str, goto: int, invert: bool, what: str) -> None:
+        msg = _rule_msg(family, priority, fwmark, fwmask, table, action, goto, invert)
+        self._change(msg, RTM_DELRULE, 0, what)
 
 
 def route_table(msg: Any) -> int:
@@ -261,11 +265,18 @@ def _route_msg(family: int, table: int, dst: str | None, dst_len: int, kind: int
     return msg
 
 
-def _rule_msg(family: int, priority: int, fwmark: int, fwmask: int, table: int) -> Any:
+def _rule_msg(family: int, priority: int, fwmark: int, fwmask: int, table: int, action: str,
+              goto: int, invert: bool) -> Any:
     msg = fibmsg()
     msg["family"] = family
-    msg["action"] = FR_ACT_TO_TBL
+    msg["action"] = RULE_ACTIONS[action]
+    msg["flags"] = FIB_RULE_INVERT if invert else 0
     msg["table"] = table if table < 256 else RT_TABLE_UNSPEC
-    msg["attrs"] = [("FRA_TABLE", table), ("FRA_PRIORITY", priority),
-                    ("FRA_FWMARK", fwmark), ("FRA_FWMASK", fwmask)]
+    attrs: list[tuple[str, Any]] = [("FRA_PRIORITY", priority), ("FRA_FWMARK", fwmark),
+                                    ("FRA_FWMASK", fwmask)]
+    if action == "lookup":
+        attrs.insert(0, ("FRA_TABLE", table))
+    elif action == "goto":
+        attrs.append(("FRA_GOTO", goto))
+    msg["attrs"] = attrs
     return msg

@@ -1,14 +1,15 @@
-"""The one sysctl via-tunnel needs, saved before it is changed and restored afterwards.
+"""Sysctls: the one via-tunnel needs host-wide, and per-interface ones a group sets.
 
 ``net.ipv4.conf.all.src_valid_mark=1`` lets strict rp_filter take the packet mark into
-account (what wg-quick sets too), so replies arriving on a tunnel are not dropped.
+account, so replies arriving on a tunnel are not dropped. It is raised when a group needs
+it and never lowered again: other tools rely on it too (wg-quick sets it and never puts it
+back), and a value saved before they started would break them when restored. It changes
+nothing for packets without a mark.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 
 from via_tunnel.core.settings import Settings
 from via_tunnel.kernel import files
@@ -27,10 +28,8 @@ def write(path: str, value: str) -> None:
         f.write(value)
 
 
-def ensure(settings: Settings) -> None:
-    """Set what we need, saving the previous values once (the first group saves them)."""
-    if not os.path.exists(settings.sysctl_path):
-        files.write_json(settings.sysctl_path, {p: read(p) for p in WANTED})
+def ensure() -> None:
+    """Set what every group needs (never lowered afterwards, see above)."""
     for path, value in WANTED.items():
         if read(path) != value:
             write(path, value)
@@ -55,15 +54,7 @@ def put_back(saved: dict[str, str]) -> None:
                 write(path, value)
 
 
-def restore(settings: Settings) -> None:
-    """Put back what :func:`ensure` found (called when the last group is gone)."""
-    try:
-        with open(settings.sysctl_path) as f:
-            saved = json.load(f)
-    except FileNotFoundError:  # never saved, or killed mid-save: nothing was changed yet
-        saved = {}
-    for path, value in saved.items():
-        if path in WANTED:
-            with contextlib.suppress(OSError):
-                write(path, str(value))
+def forget_saved(settings: Settings) -> None:
+    """Remove ``sysctl.json``, where earlier versions saved ``src_valid_mark`` to restore it
+    (called when the last group is gone); nothing is written back."""
     files.remove_json(settings.sysctl_path)
