@@ -445,3 +445,28 @@ def test_concurrent_users_share_one_group(lab: Lab, denv: dict[str, str], users:
     for t in threads:
         t.join()
     assert [(r.returncode, r.stdout.strip()) for r in results] == [(0, VETH)] * 10
+
+
+def test_status_as_an_allowed_user_shows_the_group_without_root_only_fields(
+        lab: Lab, denv: dict[str, str], users: Users, daemon: Daemon, clean: None) -> None:
+    p = lab.popen(lab.client, as_user(users.allowed, USER_PY, "-m", "via_tunnel", "vlan3",
+                                      "--", "sleep", "30"), env=denv)
+    try:
+        wait_for(lambda: json.loads(via_as(lab, denv, users.allowed, "status", "--json")
+                                    .stdout or "{}").get("groups"), timeout=10,
+                 what="the group in the user's status")
+        r = via_as(lab, denv, users.allowed, "status", "--json")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        data = json.loads(r.stdout)
+        assert data["format"] == 2
+        (g,) = data["groups"]
+        assert (g["interface"], g["ipv6"], g["watcher"], g["counters"]) == \
+            ("vlan3", "auto", None, None)
+        assert isinstance(g["ipv6_routed"], bool)
+        assert [m["pid"] for m in g["members"]] == [p.pid]
+        text = via_as(lab, denv, users.allowed, "status")
+        assert text.returncode == 0 and "vlan3" in text.stdout, text.stderr
+        assert "shown to root only" in text.stdout
+    finally:
+        p.terminate()
+        p.wait(timeout=5)

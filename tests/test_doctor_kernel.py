@@ -194,8 +194,8 @@ def test_interface_problems(lab: Lab, denv: dict[str, str]) -> None:
     # Tailscale-like, but with a mark in our bits.
     (["priority", "5230", "fwmark", "0x80000000/0xff000000", "lookup", "52"],
      "ip-rules:marks", "fail"),
-    # A catch-all before ours.
-    (["priority", "1000", "lookup", "100"], "ip-rules:before", "warn"),
+    # A catch-all at priority 0 before our entry rule (no group yet: it would come first).
+    (["priority", "0", "lookup", "100"], "ip-rules:before", "warn"),
 ])
 def test_foreign_rules_are_reported(lab: Lab, denv: dict[str, str], rule: list[str],
                                     name: str, status: str) -> None:
@@ -450,7 +450,7 @@ def test_without_root_checks_what_it_can(lab: Lab, denv: dict[str, str],
         pytest.fail("this test needs setpriv and /usr/bin/python3 (util-linux, python3)")
     # Straight to doctor.run (the typer CLI around it is exercised by the tests above, and
     # copying typer and its dependencies here would test nothing more).
-    code = "from via_tunnel import doctor; raise SystemExit(doctor.run('tun0', json_out=True))"
+    code = "from via_tunnel.doctor import run; raise SystemExit(run.run('tun0', json_out=True))"
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
             "/usr/bin/python3", "-c", code]
     r = lab.run(lab.client, argv, env={**denv, "PYTHONPATH": readable_copy}, check=False)

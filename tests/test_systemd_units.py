@@ -34,7 +34,9 @@ def test_socket_unit_listens_where_the_client_looks() -> None:
     unit = parse(UNITS / "via-tunnel.socket")
     assert set(unit) == {"Unit", "Socket", "Install"}
     assert unit["Socket"]["ListenStream"] == [DEFAULT_SOCKET]
-    assert unit["Socket"]["SocketMode"] == ["0660"]
+    # The policy in config.toml is the one gate, whatever the caller's session: no group.
+    assert unit["Socket"]["SocketMode"] == ["0666"]
+    assert "SocketGroup" not in unit["Socket"]
     assert SD_LISTEN_FDS_START == 3  # one ListenStream: the daemon takes fd 3
 
 

@@ -146,11 +146,12 @@ def test_new_connection_names_program_destination_interface_and_source(
 
 def test_kill_switch_drop_is_shown(lab: Lab, vt_env: dict[str, str],
                                    holder: subprocess.Popen[Any]) -> None:
-    """A policy rule that sends the server's traffic around the tunnel (as a careless
-    neighbour might) makes the kill switch drop the group's packets to it."""
+    """A route that sends the server's traffic around the tunnel (as a careless neighbour
+    might add to the group's table) makes the kill switch drop the group's packets to it."""
     trace = Trace(lab, vt_env, "tun0")
-    rule = ["priority", "100", "to", Lab.SERVER, "lookup", "main"]
-    lab.run(lab.client, ["ip", "rule", "add", *rule])
+    (group,) = json.loads(via(lab, vt_env, "status", "--json").stdout)["groups"]
+    route = [f"{Lab.SERVER}/32", "dev", "eth0", "table", str(group["table"])]
+    lab.run(lab.client, ["ip", "route", "add", *route])
     try:
         drops = kill_switch_drops(lab)
         with CaptureElsewhere(lab, "tun0", f"host {Lab.SERVER}") as elsewhere:
@@ -165,7 +166,7 @@ def test_kill_switch_drop_is_shown(lab: Lab, vt_env: dict[str, str],
         assert kill_switch_drops(lab) > drops  # the kill switch itself counted it
         assert elsewhere.packets() == {}
     finally:
-        lab.run(lab.client, ["ip", "rule", "del", *rule])
+        lab.run(lab.client, ["ip", "route", "del", *route])
         assert trace.stop() == 0
     assert trace_tables(lab) == []
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from via_tunnel import __version__
-from via_tunnel.core.errors import EXIT_USAGE, ViaTunnelError
+from via_tunnel.core.errors import DEBUG_HINT, EXIT_USAGE, ViaTunnelError
 
 HELP = (
     "Run a program so that all of its traffic leaves through one interface.\n\n"
@@ -41,7 +41,7 @@ def version() -> None:
     print(__version__)
 
 
-STATUS_FORMAT = 1  # bumped only when a key of `status --json` changes meaning or goes away
+STATUS_FORMAT = 2  # bumped only when a key of `status --json` changes meaning or goes away
 
 
 def _group_info() -> list[dict[str, object]]:
@@ -53,8 +53,11 @@ def _group_info() -> list[dict[str, object]]:
 
     settings = Settings.from_env()
     records = state.load_all(settings)
-    sent = nft.group_counters("tx") if records else {}
-    received = nft.group_counters("rx") if records else {}
+    # Counters and watcher locks are root's (reading nft needs CAP_NET_ADMIN; a lock anyone
+    # could open could be held by anyone): an allowed user sees the rest, they show null.
+    root = os.geteuid() == 0
+    sent = nft.group_counters("tx") if records and root else {}
+    received = nft.group_counters("rx") if records and root else {}
     out = []
     for rec in records:
         members = []
@@ -69,8 +72,10 @@ def _group_info() -> list[dict[str, object]]:
         out.append({
             "interface": rec.iface, "since": rec.created, "mark": f"0x{rec.mark:08x}",
             "table": rec.table, "cgroup": rec.cgroup, "gateway": rec.gateway4,
-            "ipv6": rec.ipv6, "dns": [a for a in (rec.dns4, rec.dns6) if a],
-            "watcher": state.watcher_pid(settings, rec.iface), "ready": rec.ready,
+            "ipv6": rec.ipv6_asked or rec.ipv6, "ipv6_routed": rec.ipv6 == "tunnel",
+            "dns": [a for a in (rec.dns4, rec.dns6) if a],
+            "watcher": state.watcher_pid(settings, rec.iface) if root else None,
+            "ready": rec.ready,
             "link": _link_info(rec.iface),
             "counters": {
                 "sent": _counter(sent.get(key)), "received": _counter(received.get(key)),
@@ -119,9 +124,12 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     if not groups:
         print("no active groups")
         return
+    if os.geteuid() != 0:
+        print("(counters and watchers are shown to root only)")
     for g in groups:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(g["since"])))  # type: ignore[arg-type]
-        extra = "" if g["watcher"] else "  (no watcher: `via-tunnel cleanup` after it empties)"
+        extra = "" if g["watcher"] or os.geteuid() != 0 else \
+            "  (no watcher: `via-tunnel cleanup` after it empties)"
         print(f"{g['interface']}  since {since}  table {g['table']}  mark {g['mark']}{extra}")
         link = g["link"]
         assert isinstance(link, dict)
@@ -133,7 +141,7 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
                 f"{label} {c['packets']} pkts {_human_bytes(c['bytes'])}"
                 for label, c in (("sent", counters["sent"]), ("received", counters["received"]))
                 if c is not None))
-        else:
+        elif os.geteuid() == 0:
             print("  counters missing (the nft table is being repaired or was removed)")
         for m in g["members"]:  # type: ignore[attr-defined]
             print(f"  {m['pid']:>7}  {m['command']}")
@@ -334,7 +342,7 @@ def run_app(args: list[str]) -> int:
             return EXIT_USAGE
         from via_tunnel.core.errors import report
 
-        return report(ViaTunnelError(f"internal error: {exc!r} (run with --debug)"),
+        return report(ViaTunnelError(f"internal error: {exc!r} ({DEBUG_HINT})"),
                       _debug or "--debug" in args)
     return 0
 

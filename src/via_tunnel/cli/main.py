@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from via_tunnel.core.errors import EXIT_FAILURE, ViaTunnelError, report
+from via_tunnel.core.errors import DEBUG_HINT, EXIT_FAILURE, ViaTunnelError, report
 
 SUBCOMMANDS = frozenset({"status", "cleanup", "demo", "version", "gateway", "daemon",
                          "desktop", "doctor", "trace"})
@@ -14,7 +14,10 @@ SUBCOMMANDS = frozenset({"status", "cleanup", "demo", "version", "gateway", "dae
 
 def _is_subcommand(args: list[str]) -> bool:
     """``via-tunnel status`` is the subcommand; ``via-tunnel status -- CMD`` would launch
-    through an interface that happens to be called "status"."""
+    through an interface that happens to be called "status". A leading ``--debug`` is the
+    root option of both forms (``via-tunnel --debug status``)."""
+    if args[:1] == ["--debug"]:
+        args = args[1:]
     if not args or args[0] not in SUBCOMMANDS:
         return not args or args[0] in ("-h", "--help", "--version")
     return not (len(args) > 1 and args[1] == "--")
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: still one line unless --debug
-        return report(ViaTunnelError(f"internal error: {exc!r} (run with --debug)"), debug)
+        return report(ViaTunnelError(f"internal error: {exc!r} ({DEBUG_HINT})"), debug)
     return EXIT_FAILURE  # not reached: launch.run execs or raises
 
 

@@ -14,6 +14,9 @@ EXIT_NOT_FOUND = 127  # CMD not found
 EXIT_USAGE = 2  # bad command line
 
 
+DEBUG_HINT = "run again as `via-tunnel --debug ...` for the traceback"
+
+
 class ViaTunnelError(Exception):
     """A failure with a message meant for the user and the exit code to leave with."""
 

@@ -102,7 +102,7 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
                       dns=dns or resolvers.link_resolvers(iface))
     rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
                       level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
-                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6,
+                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6, ipv6_asked=ipv6,
                       dns4=plan.dns4, dns6=plan.dns6)
     state.save(settings, rec)
     try:

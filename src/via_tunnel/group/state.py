@@ -29,12 +29,13 @@ class GroupRecord:
     """
 
     __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "gateway4", "iface",
-                 "ipv6", "level", "mark", "ready", "saved_sysctls", "slot", "table")
+                 "ipv6", "ipv6_asked", "level", "mark", "ready", "saved_sysctls", "slot",
+                 "table")
 
     def __init__(self, *, iface: str, slot: int, mark: int, table: int, level: int,
                  cgroup: str, cgroup_nft_path: str, created: float,
                  gateway4: str | None = None, ipv6: str = "block", dns4: str | None = None,
-                 dns6: str | None = None,
+                 dns6: str | None = None, ipv6_asked: str | None = None,
                  saved_sysctls: dict[str, str] | None = None, ready: bool = False) -> None:
         self.iface = iface
         self.slot = slot
@@ -45,7 +46,8 @@ class GroupRecord:
         self.cgroup_nft_path = cgroup_nft_path  # the same, as nft wants it
         self.created = created
         self.gateway4 = gateway4
-        self.ipv6 = ipv6
+        self.ipv6 = ipv6  # what the group does: "tunnel" or "block"
+        self.ipv6_asked = ipv6_asked  # what was asked: auto, tunnel or block (None: older)
         self.dns4 = dns4
         self.dns6 = dns6
         self.saved_sysctls = saved_sysctls or {}  # per-interface sysctls to put back
