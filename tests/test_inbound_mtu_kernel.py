@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from helpers import via_popen
+from helpers import via, via_popen
 
 from via_tunnel.lab.netlab import Capture, Lab, helper_argv
 
@@ -82,3 +82,29 @@ def test_udp_server_on_the_wildcard_answers_through_the_tunnel_from_the_right_po
     got = lab.run(lab.inet, ["socat", "-T3", "-", f"UDP:{Lab.CLIENT_LAN}:{PORT + 1}"],
                   input="hi\n").stdout
     assert got.strip() == Lab.LAN_GW
+
+
+def test_a_veth_with_a_peer_address_routes_through_the_peer(
+        lab: Lab, vt_env: dict[str, str]) -> None:
+    """``ip addr add A peer P dev vlan4`` on a broadcast interface: P is the next hop, no
+    --gateway needed; the far end sees A."""
+    c, g = lab.client, lab.gateway
+    far = "203.0.113.99"
+    lab.run(c, ["ip", "link", "add", "vlan4", "type", "veth", "peer", "name", "vlan4g",
+                "netns", lab.ns_path(g)])
+    try:
+        lab.run(c, ["ip", "addr", "add", "10.0.4.3", "peer", "10.0.4.1", "dev", "vlan4"])
+        lab.run(g, ["ip", "addr", "add", "10.0.4.1", "peer", "10.0.4.3", "dev", "vlan4g"])
+        lab.run(g, ["ip", "addr", "add", f"{far}/32", "dev", "lo"])
+        lab.run(c, ["ip", "link", "set", "vlan4", "up"])
+        lab.run(g, ["ip", "link", "set", "vlan4g", "up"])
+        with Capture(lab, g, "vlan4g", f"icmp and host {far}") as seen, \
+                Capture(lab, c, "eth0", f"host {far}") as lan:
+            r = via(lab, vt_env, "vlan4", "--", *lab.ping_argv(far), check=False)
+        assert r.returncode == 0, r.stderr
+        assert any(p.startswith("IP 10.0.4.3 > 203.0.113.99") or "10.0.4.3 > 203.0.113.99"
+                   in p for p in seen.packets()), seen.packets()
+        assert lan.packets() == []
+    finally:
+        lab.run(c, ["ip", "link", "del", "vlan4"], check=False)
+        lab.run(g, ["ip", "addr", "del", f"{far}/32", "dev", "lo"], check=False)

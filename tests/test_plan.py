@@ -116,3 +116,26 @@ def test_level_ruleset_rejects_nonsense_levels() -> None:
     for bad in (0, 256, -1):
         with pytest.raises(ValueError):
             level_ruleset(bad)
+
+
+def test_an_address_with_a_peer_gives_the_next_hop_of_a_broadcast_interface() -> None:
+    facts = LinkFacts(name="vlan4", index=9, up=True, pointopoint=False,
+                      ipv4=("10.0.4.3/32",), peer4="10.0.4.1", connected4=("10.0.4.1/32",))
+    p = plan(facts)
+    assert p.gateway4 == "10.0.4.1"
+    assert RouteSpec(AF_INET, table_for_slot(3), "default", oif=9, gateway="10.0.4.1") \
+        in p.routes
+    # A main-table route's next hop says more than the peer.
+    assert plan(LinkFacts(**{**facts.__dict__, "gateway4": "10.0.4.9"})).gateway4 == "10.0.4.9"
+
+
+def test_shared_rules_enter_from_priority_0_skip_for_others_and_catch_the_rest() -> None:
+    from via_tunnel.core.plan import shared_rules
+
+    flag = 0x8000_0000
+    assert shared_rules()[:3] == (
+        RuleSpec(AF_INET, 5101, flag, flag, action="unreachable"),
+        RuleSpec(AF_INET, 5099, flag, flag, action="goto", goto=5101, invert=True),
+        RuleSpec(AF_INET, 0, flag, flag, action="goto", goto=RULE_PRIORITY),
+    )
+    assert [r.family for r in shared_rules()] == [AF_INET] * 3 + [AF_INET6] * 3

@@ -43,6 +43,7 @@ class LinkFacts:
     ipv6_global: tuple[str, ...] = ()
     gateway4: str | None = None  # next hop of a main-table route through this interface
     gateway6: str | None = None
+    peer4: str | None = None  # the other end of an IPv4 address with a peer (``peer P``)
     connected4: tuple[str, ...] = ()  # main-table link routes ("dst/len") on this interface
     connected6: tuple[str, ...] = ()
     mtu: int | None = None
@@ -110,8 +111,8 @@ def plan_group(
     """Plan the routing of one group through ``facts.name``.
 
     Raises :class:`ViaTunnelError` (exit 125) when the interface cannot carry the group:
-    it is down, has no IPv4 address, or is a broadcast interface with no next hop. Never
-    guesses a gateway. The table always ends with ``unreachable default`` at the highest
+    it is down, has no IPv4 address, or is a broadcast interface with no next hop (a
+    main-table route's, else an address's peer). Never guesses a gateway. The table always ends with ``unreachable default`` at the highest
     metric, so a lookup in it can never fall through to the main table (fail closed).
     """
     if not facts.up:
@@ -122,11 +123,14 @@ def plan_group(
     if gateway is not None:
         nexthop = _check_gateway(facts, gateway)
     elif not facts.pointopoint:
-        nexthop = facts.gateway4
+        # A main-table route's next hop says most; else the peer of an address such as
+        # `10.0.4.3 peer 10.0.4.1` is the one host at the other end (a veth or tap tunnel).
+        nexthop = facts.gateway4 or facts.peer4
         if nexthop is None:
             raise ViaTunnelError(
-                f"interface {facts.name} is a broadcast interface and the main table has no "
-                f"route with a next hop through it; pass --gateway ADDR"
+                f"interface {facts.name} is a broadcast interface, has no address with a peer "
+                f"and the main table has no route with a next hop through it; "
+                f"pass --gateway ADDR"
             )
     table = table_for_slot(slot)
     mark = mark_for_slot(slot)

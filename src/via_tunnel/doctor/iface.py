@@ -44,10 +44,14 @@ def facts_verdicts(facts: LinkFacts) -> list[Check]:
     elif facts.gateway4:
         out.append(Check("iface:nexthop", OK, f"next hop {facts.gateway4} (from a main-table "
                                               f"route through {name})"))
+    elif facts.peer4:
+        out.append(Check("iface:nexthop", OK, f"next hop {facts.peer4} (the peer of {name}'s "
+                                              f"address)"))
     else:
         out.append(Check("iface:nexthop", WARN,
-                         f"{name} is a broadcast interface and the main table has no route "
-                         f"with a next hop through it: a plain launch exits 125",
+                         f"{name} is a broadcast interface, has no address with a peer and "
+                         f"the main table has no route with a next hop through it: a plain "
+                         f"launch exits 125",
                          f"pass --gateway ADDR (or set gateway in [interface.{name}] of "
                          f"the config)"))
     if mtu is None:

@@ -117,7 +117,7 @@ def link_facts(name: str) -> LinkFacts:
         up=is_up(flags),
         pointopoint=bool(flags & IFF_POINTOPOINT) or not has_l2,
         ipv4=tuple(f"{local}/{plen}" for local, plen, _peer in v4), ipv6_global=tuple(v6),
-        gateway4=gw4, gateway6=gw6,
+        gateway4=gw4, gateway6=gw6, peer4=next((peer for *_, peer in v4 if peer), None),
         connected4=tuple(conn4), connected6=tuple(conn6), mtu=link.get_attr("IFLA_MTU"),
     )
 
