@@ -4,7 +4,7 @@ bash runs the completion function the way readline would call it (COMP_WORDS, CO
 with bash-completion loaded; zsh runs interactively in a pseudo-terminal with compinit
 (``compadd`` is wrapped to record what is offered, a key bound to a widget completes);
 fish answers ``complete -C LINE``. What each offers is compared with the CLI model
-(introspected from the typer app and launch.LAUNCH_OPTIONS), never with a hand list.
+(introspected from the typer app and launch_form.LAUNCH_OPTIONS), never with a hand list.
 A test command ``mytool`` with its own completion (alpha, beta) shows the hand-over to
 CMD's completion after ``--``.
 """
@@ -181,7 +181,7 @@ def test_model_has_the_launch_form_and_every_subcommand() -> None:
     root = completion_gen.model()
     names = {" ".join(n.path) for n in root.walk()}
     assert {"status", "cleanup", "gateway up", "desktop install", "doctor", "trace"} <= names
-    from via_tunnel.launch.launcher import LAUNCH_OPTIONS
+    from via_tunnel.core.launch_form import LAUNCH_OPTIONS
 
     assert [o.name for o in root.options][:len(LAUNCH_OPTIONS)] == \
         [o.name for o in LAUNCH_OPTIONS]

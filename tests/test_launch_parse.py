@@ -5,7 +5,8 @@ import stat
 import pytest
 
 from via_tunnel.core.errors import UsageError, ViaTunnelError
-from via_tunnel.launch.launcher import parse, resolve
+from via_tunnel.core.launch_form import parse
+from via_tunnel.kernel.execs import resolve
 
 
 def test_parses_options_iface_and_command() -> None:

@@ -1,6 +1,6 @@
 """man/via-tunnel.1 renders without a warning and documents the whole CLI.
 
-The CLI is introspected (completion_gen.model(): the typer app and launch.LAUNCH_OPTIONS),
+The CLI is introspected (completion_gen.model(): the typer app and launch_form.LAUNCH_OPTIONS),
 so a new subcommand or option fails this test until the man page describes it.
 """
 

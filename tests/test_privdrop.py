@@ -53,7 +53,7 @@ def test_lookup_uses_the_user_database_and_sudo_gid() -> None:
 
 
 def test_launch_form_takes_user_option() -> None:
-    from via_tunnel.launch.launcher import parse
+    from via_tunnel.core.launch_form import parse
 
     assert parse(["--user", "bob", "vlan3", "--", "id"]).user == "bob"
     assert parse(["--user=bob", "vlan3", "--", "id"]).user == "bob"

@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_app(args)
     debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
     try:
-        from via_tunnel.launch import launcher as launch
+        from via_tunnel.core.launch_form import parse
+        from via_tunnel.launch import launcher
 
-        launch.run(launch.parse(args))
+        launcher.run(parse(args))
     except ViaTunnelError as exc:
         return report(exc, debug)
     except KeyboardInterrupt:

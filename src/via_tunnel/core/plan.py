@@ -112,8 +112,9 @@ def plan_group(
 
     Raises :class:`ViaTunnelError` (exit 125) when the interface cannot carry the group:
     it is down, has no IPv4 address, or is a broadcast interface with no next hop (a
-    main-table route's, else an address's peer). Never guesses a gateway. The table always ends with ``unreachable default`` at the highest
-    metric, so a lookup in it can never fall through to the main table (fail closed).
+    main-table route's, else an address's peer). Never guesses a gateway. The table always
+    ends with ``unreachable default`` at the highest metric, so a lookup in it can never
+    fall through to the main table (fail closed).
     """
     if not facts.up:
         raise ViaTunnelError(f"interface {facts.name} is down")
