@@ -543,7 +543,7 @@ def fish(root: Node) -> str:
 # ---------------------------------------------------------------- files
 
 FILES = {"via-tunnel.bash": bash, "_via-tunnel": zsh, "via-tunnel.fish": fish}
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "completions"
+DEFAULT_DIR = Path(__file__).resolve().parents[3] / "completions"
 
 
 def render() -> dict[str, str]:
