@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import CaptureElsewhere, via, via_argv, via_popen, wait_for
 
-from via_tunnel.lab.netlab import DNS_ANSWER, Lab
+from via_tunnel.lab.netlab import DNS_ANSWER, Capture, Lab
 
 pytestmark = pytest.mark.kernel
 
@@ -131,3 +131,45 @@ def test_a_groups_resolver_goes_with_it_while_other_groups_live_on(
 def status_groups(lab: Lab, env: dict[str, str]) -> list[str]:
     groups = json.loads(via(lab, env, "status", "--json").stdout)["groups"]
     return sorted(g["interface"] for g in groups)
+
+
+def test_a_neighbour_on_the_link_cannot_reach_localhost_while_dns_is_redirected(
+        lab: Lab, vt_env: dict[str, str], resolvers: tuple[Path, Path]) -> None:
+    """--dns turns on route_localnet on the group's interface (a DNATed query to a local
+    stub leaves from 127.0.0.1); that must not let a host on the link reach 127.0.0.0/8."""
+    _remote, stub = resolvers
+    g = lab.gateway
+    holder = via_popen(lab, vt_env, "--dns", RESOLVER, "vlan3", "--", "sleep", "30")
+    # The neighbour (the gateway, on vlan3's link) routes the stub's address to the client.
+    setup = [["sysctl", "-qw", "net.ipv4.conf.vlan3.route_localnet=1"],
+             ["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"],
+             ["ip", "route", "add", f"{STUB}/32", "via", Lab.CLIENT_VETH, "dev", "vlan3",
+              "table", "97"],
+             ["ip", "rule", "add", "priority", "10", "to", STUB, "lookup", "97"],
+             ["ip", "rule", "add", "priority", "100", "lookup", "local"],
+             ["ip", "rule", "del", "priority", "0", "lookup", "local"]]
+    try:
+        wait_for(lambda: lab.run(lab.client, ["sysctl", "-n",
+                                              "net.ipv4.conf.vlan3.route_localnet"]
+                                 ).stdout.strip() == "1", timeout=5,
+                 what="the group's route_localnet")
+        for argv in setup:
+            lab.run(g, argv)
+        before = len(lines(stub))
+        with Capture(lab, g, "vlan3", f"host {STUB}") as sent:
+            for tcp in (False, True):
+                out = lab.run(g, lab.dns_argv(STUB, "neighbour.test", tcp=tcp, timeout=1),
+                              check=False).stdout
+                assert out.strip() == "FAIL", out
+        assert any(f"> {STUB}." in p for p in sent.packets()), sent.packets()  # it was sent
+        assert lines(stub)[before:] == []  # and never reached the stub
+    finally:
+        for argv in (["ip", "rule", "add", "priority", "0", "lookup", "local"],
+                     ["ip", "rule", "del", "priority", "100", "lookup", "local"],
+                     ["ip", "rule", "del", "priority", "10"],
+                     ["ip", "route", "flush", "table", "97"],
+                     ["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=0"],
+                     ["sysctl", "-qw", "net.ipv4.conf.vlan3.route_localnet=0"]):
+            lab.run(g, argv, check=False)
+        holder.kill()
+        holder.wait(timeout=5)
