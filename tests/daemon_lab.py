@@ -36,6 +36,9 @@ def readable_package(*extra: str) -> Iterator[str]:
     try:
         os.chmod(top, 0o755)
         for src in (os.path.join(PACKAGE_PARENT, "via_tunnel"), *extra):
+            if os.path.isfile(src):  # a single-file module
+                shutil.copy(src, top)
+                continue
             shutil.copytree(src, os.path.join(top, os.path.basename(src)),
                             ignore=shutil.ignore_patterns("__pycache__"))
         for dirpath, dirs, files in os.walk(top):
@@ -46,6 +49,29 @@ def readable_package(*extra: str) -> Iterator[str]:
         yield top
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def cli_dependencies() -> list[str]:
+    """Where the third-party modules a subcommand imports live (typer and what it pulls in,
+    pyroute2), for :func:`readable_package`: the users' interpreter is Debian's, without the
+    venv. Found by running ``status`` in a fresh interpreter, not from a hand list."""
+    code = ("import sys\n"
+            "from via_tunnel.cli.commands import run_app\n"
+            "run_app(['status', '--json'])\n"
+            "from via_tunnel.kernel.netlink import link_facts\n"
+            "link_facts('lo')\n"
+            "for name, mod in list(sys.modules.items()):\n"
+            "    if '.' in name or name in sys.stdlib_module_names or name == 'via_tunnel':\n"
+            "        continue\n"
+            "    path = getattr(mod, '__file__', None)\n"
+            "    if path and 'site-packages' in path:\n"
+            "        print(path, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "VIA_TUNNEL_STATE_DIR": "/nonexistent"})
+    found = []
+    for path in out.stderr.split():
+        found.append(os.path.dirname(path) if path.endswith("__init__.py") else path)
+    return sorted(set(found))
 
 
 def as_nobody(*argv: str) -> list[str]:

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_lab import USER_PY, Daemon, readable_package
-from helpers import PACKAGE_PARENT, cgroup_leftovers, wait_for
+from daemon_lab import USER_PY, Daemon, cli_dependencies, readable_package
+from helpers import PACKAGE_PARENT, cgroup_leftovers, via, wait_for
 
 from via_tunnel.lab.netlab import Lab
 
@@ -46,8 +46,9 @@ class Users:
 
 @pytest.fixture(scope="module")
 def user_pythonpath() -> Iterator[str]:
-    """A world-readable copy of the package under test (see the module docstring)."""
-    with readable_package() as top:
+    """A world-readable copy of the package under test and of what its subcommands import
+    (see the module docstring)."""
+    with readable_package(*cli_dependencies()) as top:
         yield top
 
 
@@ -452,9 +453,8 @@ def test_status_as_an_allowed_user_shows_the_group_without_root_only_fields(
     p = lab.popen(lab.client, as_user(users.allowed, USER_PY, "-m", "via_tunnel", "vlan3",
                                       "--", "sleep", "30"), env=denv)
     try:
-        wait_for(lambda: json.loads(via_as(lab, denv, users.allowed, "status", "--json")
-                                    .stdout or "{}").get("groups"), timeout=10,
-                 what="the group in the user's status")
+        wait_for(lambda: json.loads(via(lab, denv, "status", "--json").stdout)["groups"],
+                 timeout=10, what="the group")
         r = via_as(lab, denv, users.allowed, "status", "--json")
         assert r.returncode == 0 and r.stderr == "", r.stderr
         data = json.loads(r.stdout)
