@@ -4,6 +4,10 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNTIME_DEBS=(nftables python3-nftables python3-venv iproute2 util-linux conntrack)
 TEST_DEBS=(openvpn tcpdump curl socat desktop-file-utils procps sudo passwd bash-completion zsh fish groff make)
+# Installed with --no-install-recommends (apt_install_norecommends): with recommends,
+# wireguard-tools pulls a kernel image, initramfs-tools and udev. The tests use the userspace
+# wireguard-go (tests/wg_lab.py), since a container cannot load the kernel module.
+TEST_DEBS_NO_RECOMMENDS=(wireguard-go wireguard-tools)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -13,15 +17,26 @@ need_root() {
 }
 
 apt_install() {
-    local missing=()
+    _apt_install "" "$@"
+}
+
+# apt_install_norecommends PKG...: the same without recommended packages.
+apt_install_norecommends() {
+    _apt_install --no-install-recommends "$@"
+}
+
+_apt_install() {
+    local flags="$1" missing=()
+    shift
     for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
             || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
-        echo "==> apt-get install ${missing[*]}"
+        echo "==> apt-get install ${flags:+$flags }${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # shellcheck disable=SC2086 # $flags: empty or one word
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $flags "${missing[@]}" >/dev/null
     fi
 }
 
