@@ -1,13 +1,13 @@
 """via-tunnel with a real WireGuard tunnel (userspace wireguard-go, see ``wg_lab.py``).
 
 One lab and one WireGuard tunnel serve the whole module. Each test starts with the client's
-end brought up by hand (``WG``: no route, no rule) and leaves it that way; the wg-quick tests
-replace it with ``wg-quick up`` for their duration.
+end brought up by hand (``wireguard-go``, ``wg setconf``, ``ip``: no route, no rule) and
+leaves it that way; the wg-quick tests replace it with ``wg-quick up`` for their duration.
 
 Oracles: the echo server's view of the caller, tcpdump on the interfaces the traffic must
 not use (and at the far end for the MSS), ``ip -j``, and ``via-tunnel status --json``.
 
-Two tests fail with the code as it stands, on purpose (they prove the coming fix):
+Three test items fail with the code as it stands, on purpose (they prove the coming fix):
 ``test_a_bypass_group_keeps_its_interface_when_wg_quick_*`` (wg-quick's rules land at
 priorities 5098/5099, ahead of ours at 5100, when it starts while a group runs) and
 ``test_src_valid_mark_set_by_wg_quick_survives_the_end_of_a_group`` (the last group's
@@ -85,7 +85,7 @@ def clean(lab: Lab, wg: WireGuard, vt_env: dict[str, str]) -> Iterator[None]:
 def ours(lab: Lab) -> dict[str, Any]:
     """The client's snapshot without the kernel's fe80 routes: a re-created WireGuard device
     gets a new random link-local address, which is not a change of ours."""
-    snap = canonical(lab.snapshot(lab.client))
+    snap: dict[str, Any] = canonical(lab.snapshot(lab.client))
     snap["routes"]["6"] = [r for r in snap["routes"]["6"] if not r["dst"].startswith("fe80")]
     return snap
 
@@ -133,7 +133,7 @@ class Asker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("6\n" if ipv6 else "4\n")
         self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
+        return str(self.proc.stdout.readline()).strip()
 
     def both(self) -> tuple[str, str]:
         return self.ask(), self.ask(ipv6=True)
@@ -175,6 +175,21 @@ def test_v4_and_v6_through_wireguard_far_end_sees_its_address(
     # Ordinary programs are untouched: the machine has no route into the tunnel.
     assert fetch(lab) == LAN4
     assert fetch(lab, ipv6=True) == LAN6
+
+
+def test_behind_a_masquerading_gateway_the_far_end_sees_the_gateway(
+        lab: Lab, wg: WireGuard, vt_env: dict[str, str], clean: None) -> None:
+    # What a commercial VPN does; the tunnel's own address check still holds (the gateway's
+    # WireGuard accepts only the client's tunnel addresses as sources).
+    dev = wg.client_if
+    wg.masquerade(True)
+    try:
+        assert via(lab, vt_env, dev, "--", *lab.fetch_argv()).stdout.strip() == Lab.GW_WAN
+        assert via(lab, vt_env, dev, "--", *lab.fetch_argv(ipv6=True)).stdout.strip() \
+            == Lab.GW_WAN6
+    finally:
+        wg.masquerade(False)
+    assert via(lab, vt_env, dev, "--", *lab.fetch_argv()).stdout.strip() == WG4
 
 
 def test_tcp_mss_fits_the_mtu_of_1420_and_a_large_transfer_arrives(
