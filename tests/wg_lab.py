@@ -136,12 +136,12 @@ class WireGuard:
             if proc is not None:
                 _stop(proc)
         self._client = self._gateway = None
-        for name in (self.client_if, self.gateway_if):
-            for pid in _pids_of(name):  # a wg-quick daemon, or one started elsewhere for it
+        for ns, name in ((self.lab.client, self.client_if), (self.lab.gateway, self.gateway_if)):
+            for pid in self._pids_of(ns, name):  # wg-quick's daemon (not our child)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _wait_gone(pid)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):  # stale after a SIGKILL
                 os.unlink(f"{SOCKET_DIR}/{name}.sock")
         if self.dir is not None:
             for ns in (self.lab.client, self.lab.gateway):
@@ -287,7 +287,7 @@ class WireGuard:
         finally:
             self.mode = "off"
             self.quick_table = None
-        for pid in _pids_of(self.client_if):  # before anyone reuses the name
+        for pid in self._pids_of(self.lab.client, self.client_if):  # before the name is reused
             _wait_gone(pid)
 
     # -- internals -----------------------------------------------------------------------
@@ -395,6 +395,29 @@ class WireGuard:
         if self._link_exists(ns, name):
             self._ip(ns, ["link", "del", name], check=False)
 
+    def _pids_of(self, ns: str, name: str) -> list[int]:
+        """PIDs of ``wireguard-go [-f] NAME`` processes inside namespace ``ns`` of this lab
+        (exact argv and network namespace: never another's process)."""
+        try:
+            want = os.stat(self.lab.ns_path(ns)).st_ino
+        except OSError:
+            return []
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")[:-1]
+                if not argv or os.path.basename(argv[0]) != b"wireguard-go" \
+                        or [a for a in argv[1:] if a != b"-f"] != [name.encode()]:
+                    continue
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == want:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
     def _write(self, name: str, text: str) -> Path:
         assert self.dir is not None
         path = self.dir / name
@@ -415,23 +438,6 @@ class WireGuard:
             lines = path.read_text(errors="replace").splitlines()
             tails.append(f"{path.name}: {' / '.join(lines[-3:]) or '(empty)'}")
         return " | ".join(tails) or "no logs"
-
-
-def _pids_of(name: str) -> list[int]:
-    """PIDs of ``wireguard-go [-f] NAME`` processes (exact argv match, never by pattern)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) == b"wireguard-go" \
-                and [a for a in argv[1:] if a != b"-f"] == [name.encode()]:
-            pids.append(int(entry))
-    return pids
 
 
 def _wait_gone(pid: int, timeout: float = _TIMEOUT) -> None:
