@@ -3,7 +3,12 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNTIME_DEBS=(nftables python3-nftables python3-venv iproute2 util-linux conntrack)
-TEST_DEBS=(openvpn tcpdump curl socat desktop-file-utils procps sudo passwd bash-completion zsh fish groff make)
+TEST_DEBS=(openvpn tcpdump curl socat desktop-file-utils procps sudo passwd bash-completion zsh fish groff make
+           wireguard-go wireguard-tools)
+# apt_install installs these in a step of their own, with --no-install-recommends: with its
+# recommends, wireguard-tools pulls a kernel image, initramfs-tools and udev. The tests use the
+# userspace wireguard-go (tests/wg_lab.py): a container cannot load the kernel module.
+NO_RECOMMENDS_DEBS=(wireguard-go wireguard-tools)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -13,15 +18,27 @@ need_root() {
 }
 
 apt_install() {
-    local missing=()
+    local missing=() plain=() bare=() p q
     for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
             || missing+=("$p")
     done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        echo "==> apt-get install ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    [ "${#missing[@]}" -gt 0 ] || return 0
+    for p in "${missing[@]}"; do
+        for q in "${NO_RECOMMENDS_DEBS[@]}"; do
+            [ "$p" = "$q" ] && { bare+=("$p"); continue 2; }
+        done
+        plain+=("$p")
+    done
+    apt-get update -qq
+    if [ "${#plain[@]}" -gt 0 ]; then
+        echo "==> apt-get install ${plain[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${plain[@]}" >/dev/null
+    fi
+    if [ "${#bare[@]}" -gt 0 ]; then
+        echo "==> apt-get install --no-install-recommends ${bare[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${bare[@]}" >/dev/null
     fi
 }
 
