@@ -189,11 +189,12 @@ def _check(root: Node) -> None:
             assert a.kind != "command" or i == len(node.args) - 1, a
 
 
-# ---------------------------------------------------------------- bash
+# ---------------------------------------------------------------- bash and zsh
 
-def bash(root: Node) -> str:
-    lines = [f"# bash completion for via-tunnel. {HEADER}", "",
-             "# The command tree: children, options (NAME=KIND, KIND empty for a flag) and",
+def _node_function(root: Node, empty: str) -> list[str]:
+    """``_via_tunnel_node PATH``: the tree as a ``case``, the same in bash and zsh
+    (``empty`` is how the shell's text writes an empty value)."""
+    lines = ["# The command tree: children, options (NAME=KIND, KIND empty for a flag) and",
              "# the kinds of the positional arguments of the command at path $1.",
              "_via_tunnel_node() {", "    case $1 in"]
     for node in root.walk():
@@ -201,35 +202,27 @@ def bash(root: Node) -> str:
         lines.append(f"        {_sq(_path(node))}) vt_kids={_sq(children)}")
         lines.append(f"            vt_opts={_sq(_enc_options(node))}")
         lines.append(f"            vt_args={_sq(_enc_args(node))} ;;")
-    lines += ["        *) vt_kids='' vt_opts='' vt_args='' ;;", "    esac", "}"]
+    return [*lines, f"        *) vt_kids={empty} vt_opts={empty} vt_args={empty} ;;",
+            "    esac", "}"]
+
+
+def bash(root: Node) -> str:
+    lines = [f"# bash completion for via-tunnel. {HEADER}", "", *_node_function(root, "''")]
     return "\n".join(lines) + "\n\n" + _driver("bash")
 
 
-# ---------------------------------------------------------------- zsh
-
-def _zsh_key(text: str) -> str:
-    return _sq(text)
-
-
 def zsh(root: Node) -> str:
-    lines = ["#compdef via-tunnel", f"# zsh completion for via-tunnel. {HEADER}", "",
-             "# The command tree: children, options (NAME=KIND, KIND empty for a flag) and",
-             "# the kinds of the positional arguments of the command at path $1.",
-             "_via_tunnel_node() {", "    case $1 in"]
     helps: list[str] = []
     for node in root.walk():
-        children = " ".join(c.path[-1] for c in node.children)
-        lines.append(f"        {_sq(_path(node))}) vt_kids={_sq(children)}")
-        lines.append(f"            vt_opts={_sq(_enc_options(node))}")
-        lines.append(f"            vt_args={_sq(_enc_args(node))} ;;")
         if node.path:
-            helps.append(f"    {_zsh_key(_path(node))} {_sq(node.help)}")
+            helps.append(f"    {_sq(_path(node))} {_sq(node.help)}")
         for o in node.options:
-            helps.append(f"    {_zsh_key(_path(node) + ' ' + o.name)} {_sq(o.help)}")
-    lines += ["        *) vt_kids= vt_opts= vt_args= ;;", "    esac", "}", "",
-              "# Descriptions: of a command by its path, of an option by 'PATH OPTION'.",
-              "typeset -gA _via_tunnel_help",
-              "_via_tunnel_help=(", *helps, ")"]
+            helps.append(f"    {_sq(_path(node) + ' ' + o.name)} {_sq(o.help)}")
+    lines = ["#compdef via-tunnel", f"# zsh completion for via-tunnel. {HEADER}", "",
+             *_node_function(root, ""), "",
+             "# Descriptions: of a command by its path, of an option by 'PATH OPTION'.",
+             "typeset -gA _via_tunnel_help",
+             "_via_tunnel_help=(", *helps, ")"]
     return "\n".join(lines) + "\n\n" + _driver("zsh")
 
 

@@ -1,5 +1,5 @@
-"""The namespace lab (demo, tests, benchmarks); beside the layers, it imports only core and
-kernel.
+"""The namespace lab of the demo, the tests and the benchmarks: beside the layers, it may
+import only ``core`` and ``kernel`` (tests/test_layers.py).
 
 This package re-exports the lab's public API, and only that: :class:`Lab`,
 :class:`Capture`, :class:`LabError`, :func:`cgroup2_mount`, :func:`remove_footprint`,
