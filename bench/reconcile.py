@@ -27,11 +27,17 @@ from pathlib import Path
 
 try:
     from via_tunnel.lab import probe as lab_probe
-    from via_tunnel.lab.netlab import Capture, Lab, LabError, remove_footprint
+    from via_tunnel.lab.capture import Capture
+    from via_tunnel.lab.footprint import remove_footprint
+    from via_tunnel.lab.netlab import Lab
+    from via_tunnel.lab.procs import LabError
 except ImportError:  # not installed in this interpreter: use the checkout's src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from via_tunnel.lab import probe as lab_probe
-    from via_tunnel.lab.netlab import Capture, Lab, LabError, remove_footprint
+    from via_tunnel.lab.capture import Capture
+    from via_tunnel.lab.footprint import remove_footprint
+    from via_tunnel.lab.netlab import Lab
+    from via_tunnel.lab.procs import LabError
 
 TARGET_MS = 100.0
 INTERVAL = 0.002

@@ -21,7 +21,7 @@ compare ratios and overheads, not absolutes.
             the daemon's watcher thread tears the group down between cold runs.
             ``--no-daemon`` skips them.
 
-Standard library only, plus :mod:`via_tunnel.lab.netlab`. Exit status 0 whatever the figures (it
+Standard library only, plus :mod:`via_tunnel.lab`. Exit status 0 whatever the figures (it
 is a report); 1 when something failed (a run exited non-zero, a leftover, a timeout).
 """
 
@@ -49,11 +49,15 @@ from typing import Any
 
 try:
     import via_tunnel
-    from via_tunnel.lab.netlab import Lab, LabError, remove_footprint
+    from via_tunnel.lab.footprint import remove_footprint
+    from via_tunnel.lab.netlab import Lab
+    from via_tunnel.lab.procs import LabError
 except ImportError:  # not installed in this interpreter: use the checkout's src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import via_tunnel
-    from via_tunnel.lab.netlab import Lab, LabError, remove_footprint
+    from via_tunnel.lab.footprint import remove_footprint
+    from via_tunnel.lab.netlab import Lab
+    from via_tunnel.lab.procs import LabError
 
 IFACE = "vlan3"
 RUN_TIMEOUT = 30.0  # one launch, generous: a launch normally takes well under a second
@@ -258,7 +262,7 @@ def _threads(pid: int) -> int:
 
 
 def cgroup2_mount_or_fail() -> str:
-    from via_tunnel.lab.netlab import cgroup2_mount
+    from via_tunnel.lab.footprint import cgroup2_mount
 
     mount = cgroup2_mount()
     if mount is None:

@@ -52,7 +52,7 @@ _via_tunnel_node() {
         'gateway status') vt_kids=''
             vt_opts='--json= --help='
             vt_args='' ;;
-        *) vt_kids= vt_opts= vt_args= ;;
+        *) vt_kids='' vt_opts='' vt_args='' ;;
     esac
 }
 
@@ -74,16 +74,22 @@ _via_tunnel_optkind() {
     return 1
 }
 
+# Append the lines of stdin to COMPREPLY, one candidate each (not split at blanks, not
+# expanded as globs).
+_via_tunnel_add() {
+    mapfile -t -O "${#COMPREPLY[@]}" COMPREPLY
+}
+
 # COMPREPLY for a value of this kind.
 _via_tunnel_value() {
     local IFS=$'\n'
     case $1 in
         iface) compopt -o nosort 2>/dev/null
-               COMPREPLY+=($(compgen -W "$(_via_tunnel_ifaces)" -- "$cur")) ;;
-        file) compopt -o filenames 2>/dev/null; COMPREPLY+=($(compgen -f -- "$cur")) ;;
-        user) COMPREPLY+=($(compgen -u -- "$cur")) ;;
+               _via_tunnel_add < <(compgen -W "$(_via_tunnel_ifaces)" -- "$cur") ;;
+        file) compopt -o filenames 2>/dev/null; _via_tunnel_add < <(compgen -f -- "$cur") ;;
+        user) _via_tunnel_add < <(compgen -u -- "$cur") ;;
         choice:*) local choices=${1#choice:}
-                  COMPREPLY+=($(compgen -W "${choices//,/$'\n'}" -- "$cur")) ;;
+                  _via_tunnel_add < <(compgen -W "${choices//,/$'\n'}" -- "$cur") ;;
     esac
 }
 
@@ -92,20 +98,20 @@ _via_tunnel_handover() {
     if declare -F _command_offset >/dev/null; then
         _command_offset "$1"
     elif (( COMP_CWORD == $1 )); then  # no bash-completion: commands, then file names
-        COMPREPLY=($(compgen -c -- "$cur"))
+        mapfile -t COMPREPLY < <(compgen -c -- "$cur")
     else
-        compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur"))
+        compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "$cur")
     fi
 }
 
 _via_tunnel() {
-    local cur=${COMP_WORDS[COMP_CWORD]} vt_path= vt_kids vt_opts vt_args kind w i=1 pos=0
+    local cur=${COMP_WORDS[COMP_CWORD]} vt_path='' vt_kids vt_opts vt_args kind w i=1 pos=0
     local -a kinds
     COMPREPLY=()
     _via_tunnel_node ''
     while (( i < COMP_CWORD )); do
         w=${COMP_WORDS[i]}
-        kinds=($vt_args)
+        read -ra kinds <<< "$vt_args"
         kind=${kinds[pos]-}
         if [[ $kind == command && $w == -- ]]; then _via_tunnel_handover $((i + 1)); return; fi
         if [[ $w == -?* && $kind != command ]]; then
@@ -129,7 +135,7 @@ _via_tunnel() {
         if [[ $kind == command ]]; then _via_tunnel_handover "$i"; return; fi
         (( pos += 1, i += 1 ))
     done
-    kinds=($vt_args)
+    read -ra kinds <<< "$vt_args"
     kind=${kinds[pos]-}
     if [[ $kind == command ]]; then
         if [[ -z $cur || $cur == -* ]]; then COMPREPLY=(--); else _via_tunnel_handover "$i"; fi
@@ -138,10 +144,10 @@ _via_tunnel() {
     if [[ $cur == -* ]]; then
         local o names=
         for o in $vt_opts; do names+=" ${o%%=*}"; done
-        COMPREPLY=($(compgen -W "$names" -- "$cur"))
+        mapfile -t COMPREPLY < <(compgen -W "$names" -- "$cur")
         return
     fi
     _via_tunnel_value "$kind"
-    (( pos == 0 )) && COMPREPLY+=($(compgen -W "$vt_kids" -- "$cur"))
+    (( pos == 0 )) && _via_tunnel_add < <(compgen -W "$vt_kids" -- "$cur")
 }
 complete -F _via_tunnel via-tunnel

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from helpers import missing_prerequisites, vt_env_for
 
-from via_tunnel.lab.netlab import Lab, remove_footprint
+from via_tunnel.lab.footprint import remove_footprint
+from via_tunnel.lab.netlab import Lab
 
 
 @functools.cache

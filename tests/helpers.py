@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import via_tunnel
-from via_tunnel.lab.netlab import Lab, cgroup2_mount
+from via_tunnel.lab.footprint import cgroup2_mount
+from via_tunnel.lab.netlab import Lab
 
 T = TypeVar("T")
 
@@ -126,7 +127,7 @@ class CaptureElsewhere:
     packets seen there (only non-empty entries)."""
 
     def __init__(self, lab: Lab, tunnel: str, bpf: str) -> None:
-        from via_tunnel.lab.netlab import Capture
+        from via_tunnel.lab.capture import Capture
 
         names = [link["ifname"] for link in lab.ip_json(lab.client, "link", "show")]
         self.captures = {name: Capture(lab, lab.client, name, bpf) for name in names

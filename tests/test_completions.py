@@ -253,3 +253,22 @@ def test_after_double_dash_the_command_completes_itself(complete: Driver) -> Non
                  "via-tunnel lo -- mytool --dns ", "via-tunnel trace lo -- mytool ",
                  "via-tunnel status -- mytool "):
         assert sorted(got[line]) == ["alpha", "beta"], (line, got[line])
+
+
+def test_bash_completion_passes_shellcheck() -> None:
+    """The bash walker as kept in the package and the generated file, with no finding."""
+    require("shellcheck")
+    driver = Path(completion_gen.__file__).parent / "completion" / "driver.bash"
+    for script in (driver, COMPLETIONS / "via-tunnel.bash"):
+        out = subprocess.run(["shellcheck", "-s", "bash", str(script)], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bash_candidates_are_not_expanded_as_globs(tmp_path: Path) -> None:
+    """A file called ``x*`` is one candidate, not a pattern that names ``x1`` again."""
+    for name in ("x*", "x1"):
+        (tmp_path / name).write_text("")
+    env = {**os.environ, "VIA_TUNNEL_CONFIG": "/nonexistent"}
+    (got,) = bash_complete([f"via-tunnel desktop install {tmp_path}/x"], env)
+    assert sorted(got) == [f"{tmp_path}/x*", f"{tmp_path}/x1"]

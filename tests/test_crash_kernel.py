@@ -53,7 +53,8 @@ from helpers import (
     wait_for,
 )
 
-from via_tunnel.lab.netlab import Capture, Lab
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

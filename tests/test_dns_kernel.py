@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import CaptureElsewhere, via, via_argv, via_popen, wait_for
 
-from via_tunnel.lab.netlab import DNS_ANSWER, Capture, Lab
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.netlab import Lab
+from via_tunnel.lab.programs import DNS_ANSWER
 
 pytestmark = pytest.mark.kernel
 

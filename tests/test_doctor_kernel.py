@@ -22,7 +22,8 @@ from daemon_lab import readable_package
 from helpers import via, via_popen, wait_for
 
 from via_tunnel import __version__
-from via_tunnel.lab.netlab import Lab, cgroup2_mount
+from via_tunnel.lab.footprint import cgroup2_mount
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

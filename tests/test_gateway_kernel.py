@@ -24,7 +24,8 @@ from helpers import via, via_popen
 
 from via_tunnel.core.plan import base_ruleset, level_ruleset
 from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
-from via_tunnel.lab.netlab import Capture, Lab
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

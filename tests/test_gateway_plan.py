@@ -12,21 +12,20 @@ from typing import Any
 import pytest
 
 from via_tunnel.core.errors import UsageError, ViaTunnelError
-from via_tunnel.gateway.config import (
-    GW_TABLE,
+from via_tunnel.gateway.config import Forward, merge_config, parse_forward, parse_subnet
+from via_tunnel.gateway.foreign import foreign_warnings
+from via_tunnel.gateway.plan import (
     Addr4,
-    Forward,
     GatewayPlan,
     IfFacts,
     default_subnet,
-    down_commands,
-    foreign_warnings,
     free_id,
-    ids_in_table,
-    merge_config,
-    parse_forward,
-    parse_subnet,
     plan_gateway,
+)
+from via_tunnel.gateway.ruleset import (
+    GW_TABLE,
+    down_commands,
+    ids_in_table,
     table_names,
     up_commands,
 )

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 import pytest
 from helpers import via, via_popen
 
-from via_tunnel.lab.netlab import Capture, Lab, helper_argv
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.netlab import Lab
+from via_tunnel.lab.procs import helper_argv
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from via_tunnel.lab.netlab import Lab, LabError, netns_names
+from via_tunnel.lab.namespaces import netns_names
+from via_tunnel.lab.netlab import Lab
+from via_tunnel.lab.procs import LabError
 
 pytestmark = pytest.mark.kernel
 

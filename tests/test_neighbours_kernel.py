@@ -18,7 +18,9 @@ from collections.abc import Iterator
 import pytest
 from helpers import canonical, via, via_popen, vt_env_for, wait_for
 
-from via_tunnel.lab.netlab import Capture, Lab, remove_footprint
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.footprint import remove_footprint
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,8 @@ import time
 import pytest
 from helpers import via, via_popen, wait_for
 
-from via_tunnel.lab.netlab import Capture, Lab
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

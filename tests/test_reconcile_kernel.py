@@ -16,7 +16,8 @@ import pytest
 from helpers import CaptureElsewhere, via, via_popen, wait_for
 
 from via_tunnel.lab import probe as lab_probe
-from via_tunnel.lab.netlab import Capture, Lab
+from via_tunnel.lab.capture import Capture
+from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -1,15 +1,19 @@
 """Shell completions for bash, zsh and fish, generated from the CLI definition.
 
 One source of truth: the subcommands, their options and arguments come from the typer app
-(:mod:`commands`, through ``typer.main.get_command``), the launch form's options from
-:data:`launch_form.LAUNCH_OPTIONS` (the table its hand-written parser reads). A new subcommand
+(:mod:`via_tunnel.cli.commands`, through ``typer.main.get_command``), the launch form's
+options from :data:`via_tunnel.core.launch_form.LAUNCH_OPTIONS` (the table its hand-written
+parser reads). A new subcommand
 or option appears in the completions by re-running::
 
     python -m via_tunnel.cli.completion_gen            # rewrites completions/
     python -m via_tunnel.cli.completion_gen --check    # exit 1 if completions/ is stale
 
-Each script is the same small walker written in its shell, plus the tree as data. The
-walker follows the words before the cursor the way ``cli.py`` reads them (a subcommand
+Each script is the tree as data (written here) followed by the same small walker written
+in its shell, kept as a file of its own so that the shell's tools can read it:
+``completion/driver.bash`` (linted by shellcheck in the tests), ``driver.zsh`` and
+``driver.fish``, package data in which ``@SED@`` stands for :data:`CONFIG_SED`. The
+walker follows the words before the cursor the way the CLI reads them (a subcommand
 name, unless it is followed by ``--``, in which case it is an interface) and offers:
 
 * subcommands and options at every level, option values by kind (choices, users, files,
@@ -29,6 +33,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +171,13 @@ def _sq(text: str) -> str:
     return "'" + text.replace("'", "\u2019") + "'"
 
 
+def _driver(shell: str) -> str:
+    """The walker written in ``shell`` (``completion/driver.SHELL``), with the config sed
+    program in place of ``@SED@``."""
+    text = (resources.files("via_tunnel.cli") / "completion" / f"driver.{shell}").read_text()
+    return text.replace("@SED@", CONFIG_SED)
+
+
 def _check(root: Node) -> None:
     for node in root.walk():
         for name in (*(c.path[-1] for c in node.children), *(o.name for o in node.options)):
@@ -177,346 +189,44 @@ def _check(root: Node) -> None:
             assert a.kind != "command" or i == len(node.args) - 1, a
 
 
-# ---------------------------------------------------------------- bash
+# ---------------------------------------------------------------- bash and zsh
 
-BASH_DRIVER = r"""
-# Interfaces: those named in the config file first, then the machine's; each once.
-_via_tunnel_ifaces() {
-    local conf=${VIA_TUNNEL_CONFIG:-/etc/via-tunnel/config.toml}
-    {
-        [[ -r $conf ]] && sed -nE '@SED@' "$conf"
-        ls -1 /sys/class/net 2>/dev/null
-    } | awk '!seen[$0]++'
-}
-
-# The kind of option $1 of the current node ("" for a flag); fails for an unknown option.
-_via_tunnel_optkind() {
-    local o
-    for o in $vt_opts; do
-        if [[ ${o%%=*} == "$1" ]]; then kind=${o#*=}; return 0; fi
-    done
-    return 1
-}
-
-# COMPREPLY for a value of this kind.
-_via_tunnel_value() {
-    local IFS=$'\n'
-    case $1 in
-        iface) compopt -o nosort 2>/dev/null
-               COMPREPLY+=($(compgen -W "$(_via_tunnel_ifaces)" -- "$cur")) ;;
-        file) compopt -o filenames 2>/dev/null; COMPREPLY+=($(compgen -f -- "$cur")) ;;
-        user) COMPREPLY+=($(compgen -u -- "$cur")) ;;
-        choice:*) local choices=${1#choice:}
-                  COMPREPLY+=($(compgen -W "${choices//,/$'\n'}" -- "$cur")) ;;
-    esac
-}
-
-# CMD starts at word $1: hand over to its own completion.
-_via_tunnel_handover() {
-    if declare -F _command_offset >/dev/null; then
-        _command_offset "$1"
-    elif (( COMP_CWORD == $1 )); then  # no bash-completion: commands, then file names
-        COMPREPLY=($(compgen -c -- "$cur"))
-    else
-        compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur"))
-    fi
-}
-
-_via_tunnel() {
-    local cur=${COMP_WORDS[COMP_CWORD]} vt_path= vt_kids vt_opts vt_args kind w i=1 pos=0
-    local -a kinds
-    COMPREPLY=()
-    _via_tunnel_node ''
-    while (( i < COMP_CWORD )); do
-        w=${COMP_WORDS[i]}
-        kinds=($vt_args)
-        kind=${kinds[pos]-}
-        if [[ $kind == command && $w == -- ]]; then _via_tunnel_handover $((i + 1)); return; fi
-        if [[ $w == -?* && $kind != command ]]; then
-            if [[ $w != *=* ]] && _via_tunnel_optkind "$w" && [[ -n $kind ]]; then
-                if (( i + 1 == COMP_CWORD )); then _via_tunnel_value "$kind"; return; fi
-                (( i += 2 ))
-            else
-                (( i += 1 ))
-            fi
-            continue
-        fi
-        # A subcommand, unless `via-tunnel NAME -- CMD` (an interface called NAME).
-        if (( pos == 0 )) && [[ " $vt_kids " == *" $w "* ]] \
-                && ! { [[ -z $vt_path ]] && (( i + 1 < COMP_CWORD ))\
-                       && [[ ${COMP_WORDS[i + 1]} == -- ]]; }; then
-            vt_path=${vt_path:+$vt_path }$w
-            _via_tunnel_node "$vt_path"
-            (( i += 1 ))
-            continue
-        fi
-        if [[ $kind == command ]]; then _via_tunnel_handover "$i"; return; fi
-        (( pos += 1, i += 1 ))
-    done
-    kinds=($vt_args)
-    kind=${kinds[pos]-}
-    if [[ $kind == command ]]; then
-        if [[ -z $cur || $cur == -* ]]; then COMPREPLY=(--); else _via_tunnel_handover "$i"; fi
-        return
-    fi
-    if [[ $cur == -* ]]; then
-        local o names=
-        for o in $vt_opts; do names+=" ${o%%=*}"; done
-        COMPREPLY=($(compgen -W "$names" -- "$cur"))
-        return
-    fi
-    _via_tunnel_value "$kind"
-    (( pos == 0 )) && COMPREPLY+=($(compgen -W "$vt_kids" -- "$cur"))
-}
-complete -F _via_tunnel via-tunnel
-"""
+def _node_function(root: Node, empty: str) -> list[str]:
+    """``_via_tunnel_node PATH``: the tree as a ``case``, the same in bash and zsh
+    (``empty`` is how the shell's text writes an empty value)."""
+    lines = ["# The command tree: children, options (NAME=KIND, KIND empty for a flag) and",
+             "# the kinds of the positional arguments of the command at path $1.",
+             "_via_tunnel_node() {", "    case $1 in"]
+    for node in root.walk():
+        children = " ".join(c.path[-1] for c in node.children)
+        lines.append(f"        {_sq(_path(node))}) vt_kids={_sq(children)}")
+        lines.append(f"            vt_opts={_sq(_enc_options(node))}")
+        lines.append(f"            vt_args={_sq(_enc_args(node))} ;;")
+    return [*lines, f"        *) vt_kids={empty} vt_opts={empty} vt_args={empty} ;;",
+            "    esac", "}"]
 
 
 def bash(root: Node) -> str:
-    lines = [f"# bash completion for via-tunnel. {HEADER}", "",
-             "# The command tree: children, options (NAME=KIND, KIND empty for a flag) and",
-             "# the kinds of the positional arguments of the command at path $1.",
-             "_via_tunnel_node() {", "    case $1 in"]
-    for node in root.walk():
-        children = " ".join(c.path[-1] for c in node.children)
-        lines.append(f"        {_sq(_path(node))}) vt_kids={_sq(children)}")
-        lines.append(f"            vt_opts={_sq(_enc_options(node))}")
-        lines.append(f"            vt_args={_sq(_enc_args(node))} ;;")
-    lines += ["        *) vt_kids= vt_opts= vt_args= ;;", "    esac", "}"]
-    return "\n".join(lines) + "\n" + BASH_DRIVER.replace("@SED@", CONFIG_SED)
-
-
-# ---------------------------------------------------------------- zsh
-
-ZSH_DRIVER = r"""
-# Interfaces: those named in the config file first, then the machine's; each once.
-_via_tunnel_ifaces() {
-    local conf=${VIA_TUNNEL_CONFIG:-/etc/via-tunnel/config.toml}
-    {
-        [[ -r $conf ]] && sed -nE '@SED@' "$conf"
-        ls -1 /sys/class/net 2>/dev/null
-    } | awk '!seen[$0]++'
-}
-
-# Offer a value of kind $1.
-_via_tunnel_value() {
-    local -a items expl
-    case $1 in
-        iface) items=(${(f)"$(_via_tunnel_ifaces)"})
-               _wanted -V interfaces expl 'interface (configured first)' compadd -a items ;;
-        file) _files ;;
-        user) _users ;;
-        choice:*) items=(${(s:,:)1#choice:}); _wanted values expl value compadd -a items ;;
-        *) _message 'value' ;;
-    esac
-}
-
-_via_tunnel() {
-    local vt_path= vt_kids vt_opts vt_args kind w i=2 pos=0 o
-    local -a kinds opts kids expl
-    local -A optkind
-    _via_tunnel_load() {
-        _via_tunnel_node "$1"
-        optkind=()
-        for o in ${=vt_opts}; do optkind[${o%%=*}]=${o#*=}; done
-    }
-    _via_tunnel_load ''
-    while (( i < CURRENT )); do
-        w=${words[i]}
-        kinds=(${=vt_args})
-        kind=${kinds[pos + 1]-}
-        if [[ $kind == command && $w == -- ]]; then
-            words=("${(@)words[i + 1,-1]}"); (( CURRENT -= i )); _normal; return
-        fi
-        if [[ $w == -?* && $kind != command ]]; then
-            if [[ $w != *=* && -n ${optkind[$w]-} ]]; then
-                if (( i + 1 == CURRENT )); then _via_tunnel_value ${optkind[$w]}; return; fi
-                (( i += 2 ))
-            else
-                (( i += 1 ))
-            fi
-            continue
-        fi
-        # A subcommand, unless `via-tunnel NAME -- CMD` (an interface called NAME).
-        if (( pos == 0 )) && [[ " $vt_kids " == *" $w "* ]] \
-                && ! { [[ -z $vt_path ]] && (( i + 1 < CURRENT ))\
-                       && [[ ${words[i + 1]} == -- ]]; }; then
-            vt_path=${vt_path:+$vt_path }$w
-            _via_tunnel_load "$vt_path"
-            (( i += 1 ))
-            continue
-        fi
-        if [[ $kind == command ]]; then
-            words=("${(@)words[i,-1]}"); (( CURRENT -= i - 1 )); _normal; return
-        fi
-        (( pos += 1, i += 1 ))
-    done
-    kinds=(${=vt_args})
-    kind=${kinds[pos + 1]-}
-    local cur=${words[CURRENT]}
-    if [[ $kind == command ]]; then
-        if [[ -z $cur || $cur == -* ]]; then
-            _wanted separators expl 'separator before the command' compadd -- --
-        else
-            words=("${(@)words[CURRENT,-1]}"); CURRENT=1; _normal
-        fi
-        return
-    fi
-    if [[ $cur == -* ]]; then
-        opts=()
-        for o in ${=vt_opts}; do opts+=("${o%%=*}:${_via_tunnel_help[$vt_path ${o%%=*}]-}"); done
-        _describe -t options option opts
-        return
-    fi
-    local ret=1
-    if [[ -n $kind ]]; then _via_tunnel_value $kind && ret=0; fi
-    if (( pos == 0 )) && [[ -n $vt_kids ]]; then
-        kids=()
-        for o in ${=vt_kids}; do kids+=("$o:${_via_tunnel_help[${vt_path:+$vt_path }$o]-}"); done
-        _describe -t commands command kids && ret=0
-    fi
-    return ret
-}
-
-if [[ $funcstack[1] == _via-tunnel ]]; then  # autoloaded by compinit
-    _via_tunnel "$@"
-else  # sourced
-    compdef _via_tunnel via-tunnel
-fi
-"""
-
-
-def _zsh_key(text: str) -> str:
-    return _sq(text)
+    lines = [f"# bash completion for via-tunnel. {HEADER}", "", *_node_function(root, "''")]
+    return "\n".join(lines) + "\n\n" + _driver("bash")
 
 
 def zsh(root: Node) -> str:
-    lines = ["#compdef via-tunnel", f"# zsh completion for via-tunnel. {HEADER}", "",
-             "# The command tree: children, options (NAME=KIND, KIND empty for a flag) and",
-             "# the kinds of the positional arguments of the command at path $1.",
-             "_via_tunnel_node() {", "    case $1 in"]
     helps: list[str] = []
     for node in root.walk():
-        children = " ".join(c.path[-1] for c in node.children)
-        lines.append(f"        {_sq(_path(node))}) vt_kids={_sq(children)}")
-        lines.append(f"            vt_opts={_sq(_enc_options(node))}")
-        lines.append(f"            vt_args={_sq(_enc_args(node))} ;;")
         if node.path:
-            helps.append(f"    {_zsh_key(_path(node))} {_sq(node.help)}")
+            helps.append(f"    {_sq(_path(node))} {_sq(node.help)}")
         for o in node.options:
-            helps.append(f"    {_zsh_key(_path(node) + ' ' + o.name)} {_sq(o.help)}")
-    lines += ["        *) vt_kids= vt_opts= vt_args= ;;", "    esac", "}", "",
-              "# Descriptions: of a command by its path, of an option by 'PATH OPTION'.",
-              "typeset -gA _via_tunnel_help",
-              "_via_tunnel_help=(", *helps, ")"]
-    return "\n".join(lines) + "\n" + ZSH_DRIVER.replace("@SED@", CONFIG_SED)
+            helps.append(f"    {_sq(_path(node) + ' ' + o.name)} {_sq(o.help)}")
+    lines = ["#compdef via-tunnel", f"# zsh completion for via-tunnel. {HEADER}", "",
+             *_node_function(root, ""), "",
+             "# Descriptions: of a command by its path, of an option by 'PATH OPTION'.",
+             "typeset -gA _via_tunnel_help",
+             "_via_tunnel_help=(", *helps, ")"]
+    return "\n".join(lines) + "\n\n" + _driver("zsh")
 
 
 # ---------------------------------------------------------------- fish
-
-FISH_DRIVER = r"""
-# Interfaces: those named in the config file first, then the machine's; each once.
-function __via_tunnel_ifaces
-    set -l conf /etc/via-tunnel/config.toml
-    set -q VIA_TUNNEL_CONFIG[1]; and test -n "$VIA_TUNNEL_CONFIG"; and set conf $VIA_TUNNEL_CONFIG
-    begin
-        test -r $conf; and sed -nE '@SED@' $conf
-        ls -1 /sys/class/net 2>/dev/null
-    end | awk '!seen[$0]++'
-end
-
-function __via_tunnel_value -a kind cur
-    switch $kind
-        case iface
-            __via_tunnel_ifaces
-        case file
-            __fish_complete_path "$cur"
-        case user
-            __fish_complete_users
-        case 'choice:*'
-            string split , -- (string replace choice: '' -- $kind)
-    end
-end
-
-# Print the candidates for the token at the cursor (NAME<tab>description).
-function __via_tunnel_complete
-    set -l words (commandline -opc)
-    set -l cur (commandline -ct)
-    set -l vt_path ''
-    set -l __vt_children
-    set -l __vt_children_help
-    set -l __vt_option_names
-    set -l __vt_option_kinds
-    set -l __vt_options
-    set -l __vt_args
-    __via_tunnel_node $vt_path
-    set -l pos 1
-    set -l i 2
-    while test $i -le (count $words)
-        set -l w $words[$i]
-        set -l kind $__vt_args[$pos]
-        if test "$kind" = command -a "$w" = --
-            set -l rest
-            test $i -lt (count $words); and set rest $words[(math $i + 1)..-1]
-            __fish_complete_subcommand --commandline $rest "$cur"
-            return
-        end
-        if string match -qr -- '^-.' $w; and test "$kind" != command
-            set -l k (__via_tunnel_optkind $w)
-            if test -n "$k"; and not string match -q -- '*=*' $w
-                if test $i -eq (count $words)
-                    __via_tunnel_value $k "$cur"
-                    return
-                end
-                set i (math $i + 2)
-            else
-                set i (math $i + 1)
-            end
-            continue
-        end
-        # A subcommand, unless `via-tunnel NAME -- CMD` (an interface called NAME).
-        set -l next ''
-        test $i -lt (count $words); and set next $words[(math $i + 1)]
-        if test $pos -eq 1; and contains -- $w $__vt_children
-            and not test -z "$vt_path" -a "$next" = --
-            set vt_path (string trim -- "$vt_path $w")
-            __via_tunnel_node $vt_path
-            set i (math $i + 1)
-            continue
-        end
-        if test "$kind" = command
-            __fish_complete_subcommand --commandline $words[$i..-1] "$cur"
-            return
-        end
-        set pos (math $pos + 1)
-        set i (math $i + 1)
-    end
-    set -l kind $__vt_args[$pos]
-    if test "$kind" = command
-        if test -z "$cur"; or string match -q -- '-*' $cur
-            printf '%s\t%s\n' -- 'separator before the command'
-        else
-            __fish_complete_subcommand --commandline "$cur"
-        end
-        return
-    end
-    if string match -q -- '-*' $cur
-        string join \n -- $__vt_options
-        return
-    end
-    test -n "$kind"; and __via_tunnel_value $kind "$cur"
-    test $pos -eq 1; and string join \n -- $__vt_children_help
-end
-
-# The kind of option $argv[1] of the current node; prints "flag" for a flag.
-function __via_tunnel_optkind --no-scope-shadowing
-    set -l k (contains -i -- $argv[1] $__vt_option_names); or return
-    echo $__vt_option_kinds[$k]
-end
-
-complete -c via-tunnel -f -k -a '(__via_tunnel_complete)'
-"""
-
 
 def fish(root: Node) -> str:
     lines = [f"# fish completion for via-tunnel. {HEADER}", "",
@@ -537,7 +247,7 @@ def fish(root: Node) -> str:
                      + " ".join(_sq(f"{o.name}\t{o.help}") for o in node.options))
         lines.append("            set __vt_args " + " ".join(_sq(a.kind) for a in node.args))
     lines += ["    end", "end"]
-    return "\n".join(lines) + "\n" + FISH_DRIVER.replace("@SED@", CONFIG_SED)
+    return "\n".join(lines) + "\n\n" + _driver("fish")
 
 
 # ---------------------------------------------------------------- files

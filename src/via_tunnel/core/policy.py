@@ -1,9 +1,10 @@
-"""Who may use which interface through the daemon: the config file and the decisions.
+"""Who may use which interface through the daemon: its part of the config file, the
+decisions, and the validation of requests.
 
 Pure: parsing and decisions take text and plain values and return values; the daemon does
-the I/O (reading the file, the peer's credentials, the user database).
-
-``/etc/via-tunnel/config.toml``::
+the I/O (the peer's credentials, the user database). The file is read and its layout
+checked by :mod:`via_tunnel.core.config`; this module reads ``[daemon]`` and every
+``[interface.NAME]``, the sections that are its own::
 
     [daemon]                      # optional
     socket_group = "via-tunnel"   # socket mode 0660 and this group (default: mode 0666)
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from via_tunnel.core import config
+from via_tunnel.core.config import ConfigError, check_keys
 from via_tunnel.core.errors import UsageError, ViaTunnelError
 from via_tunnel.core.names import validate_ifname
 from via_tunnel.core.wire import IPV6_MODES
@@ -35,11 +37,6 @@ from via_tunnel.core.wire import IPV6_MODES
 MAX_DNS = 8
 _IFACE_KEYS = frozenset({"allow_users", "allow_groups", "dns", "ipv6", "gateway"})
 _DAEMON_KEYS = frozenset({"socket_group"})
-_OTHER_SECTIONS = frozenset({"gateway"})  # the same file configures `via-tunnel gateway`
-
-
-class ConfigError(ViaTunnelError):
-    """The config file is unreadable or wrong; the message names the file and the place."""
 
 
 class RequestError(ViaTunnelError):
@@ -84,61 +81,28 @@ class Request:
 
 def load(path: str) -> Policy:
     """Read and parse the config file. A missing file is an empty policy (root only)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return Policy()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 ({exc.reason})") from exc
-    return parse(text, path)
+    return from_file(config.load(path))
 
 
 def parse(text: str, path: str = "config.toml") -> Policy:
     """Parse config text; raise :class:`ConfigError` naming the file and the first problem."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(data) - {"interface", "daemon"} - _OTHER_SECTIONS
-    if unknown:
-        raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
-    daemon = data.get("daemon", {})
-    if not isinstance(daemon, dict):
-        raise ConfigError(f"{path}: [daemon] must be a table")
-    _no_unknown_keys(daemon, _DAEMON_KEYS, f"{path}: [daemon]")
-    socket_group = daemon.get("socket_group")
+    return from_file(config.parse(text, path))
+
+
+def from_file(conf: config.ConfigFile) -> Policy:
+    """The policy of a parsed config file: its ``[daemon]`` and ``[interface.NAME]``
+    sections, every key and value checked (:class:`ConfigError` on the first problem)."""
+    check_keys(conf.daemon, _DAEMON_KEYS, f"{conf.path}: [daemon]")
+    socket_group = conf.daemon.get("socket_group")
     if socket_group is not None and (not isinstance(socket_group, str) or not socket_group):
-        raise ConfigError(f"{path}: [daemon] socket_group must be a group name")
-    interfaces_raw = data.get("interface", {})
-    if not isinstance(interfaces_raw, dict):
-        raise ConfigError(f"{path}: [interface] must be a table of [interface.NAME] tables")
-    interfaces = {}
-    for name, body in interfaces_raw.items():
-        where = f"{path}: [interface.{name}]"
-        try:
-            validate_ifname(name)
-        except UsageError as exc:
-            raise ConfigError(f"{where}: {exc.message}") from None
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where} must be a table")
-        interfaces[name] = _interface(body, where)
+        raise ConfigError(f"{conf.path}: [daemon] socket_group must be a group name")
+    interfaces = {name: _interface(body, f"{conf.path}: [interface.{name}]")
+                  for name, body in conf.interfaces.items()}
     return Policy(interfaces=interfaces, socket_group=socket_group)
 
 
-def _no_unknown_keys(table: Mapping[str, Any], known: frozenset[str], where: str) -> None:
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} "
-                          f"(known: {', '.join(sorted(known))})")
-
-
 def _interface(body: Mapping[str, Any], where: str) -> InterfacePolicy:
-    _no_unknown_keys(body, _IFACE_KEYS, where)
+    check_keys(body, _IFACE_KEYS, where)
     users = _names(body.get("allow_users", []), f"{where} allow_users")
     groups = _names(body.get("allow_groups", []), f"{where} allow_groups")
     try:

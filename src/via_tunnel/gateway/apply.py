@@ -18,31 +18,33 @@ import json
 import os
 import sys
 import time
-import tomllib
+from collections.abc import Mapping
 from typing import Any
 
+from via_tunnel.core import config as config_file
 from via_tunnel.core.errors import ViaTunnelError
 from via_tunnel.core.names import validate_ifname
 from via_tunnel.core.settings import Settings, config_path
-from via_tunnel.gateway.config import (
-    GW_FAMILY,
-    GW_TABLE,
+from via_tunnel.gateway.config import GatewayConfig, merge_config
+from via_tunnel.gateway.foreign import foreign_warnings
+from via_tunnel.gateway.plan import (
     IPV4_FORWARD,
     IPV6_FORWARD,
     Addr4,
-    GatewayConfig,
     GatewayPlan,
     IfFacts,
+    free_id,
+    plan_gateway,
+)
+from via_tunnel.gateway.ruleset import (
+    GW_FAMILY,
+    GW_TABLE,
     chain_names,
     counter_names,
     counters,
     down_commands,
-    foreign_warnings,
-    free_id,
     ids_in_table,
-    merge_config,
     owns,
-    plan_gateway,
     table_names,
     up_commands,
 )
@@ -58,21 +60,12 @@ def warn(message: str) -> None:
 # --------------------------------------------------------------------------- config
 
 
-def load_gateway_table(tun: str) -> tuple[dict[str, Any], str]:
-    """``[gateway.TUN]`` of the config file (``{}`` when the file or section is missing)."""
+def load_gateway_table(tun: str) -> tuple[Mapping[str, Any], str]:
+    """``[gateway.TUN]`` of the config file (``{}`` when the file or section is missing) and
+    the file's path. The file is parsed by :mod:`via_tunnel.core.config`, as for the daemon:
+    a file it refuses raises its :class:`~via_tunnel.core.config.ConfigError`."""
     path = config_path()
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        return {}, path
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ViaTunnelError(f"cannot read {path}: {exc}") from None
-    section = data.get("gateway", {})
-    table = section.get(tun, {}) if isinstance(section, dict) else {}
-    if not isinstance(table, dict):
-        raise ViaTunnelError(f"{path}: [gateway.{tun}] is not a table")
-    return table, path
+    return config_file.load(path).gateways.get(tun, {}), path
 
 
 # --------------------------------------------------------------------------- facts

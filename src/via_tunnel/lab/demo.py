@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from via_tunnel.lab.netlab import Lab, LabError, netns_names, remove, remove_footprint
+from via_tunnel.lab.footprint import remove_footprint
+from via_tunnel.lab.namespaces import netns_names, remove
+from via_tunnel.lab.netlab import Lab
+from via_tunnel.lab.procs import LabError
 
 DEMO_PREFIX = "vtdemo"
 REMOVE_HINT = "python3 -m via_tunnel.lab.demo --remove"
@@ -29,7 +32,7 @@ class DemoError(Exception):
 def demo_env(prefix: str) -> dict[str, str]:
     """Environment for via-tunnel in the demo lab: its own state dir and cgroup subtree, and
     PYTHONPATH so that the child runs this very copy of the package."""
-    package_parent = str(Path(__file__).resolve().parents[1])
+    package_parent = str(Path(__file__).resolve().parents[2])
     return {
         "VIA_TUNNEL_STATE_DIR": f"/run/via-tunnel-demo-{prefix}",
         "VIA_TUNNEL_CGROUP": f"via-tunnel-demo-{prefix}",
