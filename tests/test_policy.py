@@ -118,3 +118,25 @@ def test_configured_defaults_fill_what_the_caller_left_at_default() -> None:
     mine = Request("vlan3", "192.0.2.33", "tunnel", ("192.0.2.1",))
     assert effective(mine, rules) == mine
     assert effective(Request("vlan3"), None) == Request("vlan3")
+
+
+def test_a_users_routing_options_come_from_the_config_unless_granted() -> None:
+    from via_tunnel.core.policy import check_user_options
+
+    rules = parse('[interface.vlan3]\nallow_users = ["a"]\nuser_options = ["dns"]\n'
+                  ).interfaces["vlan3"]
+    assert rules.user_options == frozenset({"dns"})
+    check_user_options(Request("vlan3", dns=("198.51.100.53",)), rules, uid=1000)  # granted
+    check_user_options(Request("vlan3"), rules, uid=1000)  # nothing asked
+    for req, name in ((Request("vlan3", gateway="192.0.2.33"), "gateway"),
+                      (Request("vlan3", ipv6="block"), "ipv6")):
+        with pytest.raises(RequestError, match=f"user_options .*{name}"):
+            check_user_options(req, rules, uid=1000)
+        check_user_options(req, rules, uid=0)  # root sets what it likes
+    with pytest.raises(RequestError, match="dns"):
+        check_user_options(Request("tun0", dns=("198.51.100.53",)), None, uid=1000)
+
+
+def test_user_options_must_name_known_options() -> None:
+    with pytest.raises(ConfigError, match="unknown option 'mtu'"):
+        parse('[interface.vlan3]\nuser_options = ["mtu"]\n')

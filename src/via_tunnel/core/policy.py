@@ -15,9 +15,18 @@ checked by :mod:`via_tunnel.core.config`; this module reads ``[daemon]`` and eve
     dns  = ["198.51.100.53"]      # default --dns for this interface
     ipv6 = "auto"                 # default --ipv6
     gateway = "192.0.2.33"        # default --gateway
+    user_options = ["dns"]        # options a non-root caller may set itself (default: none)
 
-Nothing is allowed unless listed; root is always allowed. Unknown keys are errors, so a typo
-(``allow_user``) cannot silently lock everybody out or, worse, be read as something else.
+Nothing is allowed unless listed; root is always allowed.
+
+No user can change another user's routing: a non-root caller's ``--gateway``, ``--dns``
+and ``--ipv6`` are refused unless the interface lists them in ``user_options`` (its routing
+comes from the config, the same for every allowed user), and a caller joins a running group
+only when the group's options are exactly the ones the caller would have created it with
+(a group started by root or by a user with other options is refused, never joined).
+
+Unknown keys are errors, so a typo (``allow_user``) cannot silently lock everybody out or,
+worse, be read as something else.
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ from via_tunnel.core.names import validate_ifname
 from via_tunnel.core.wire import IPV6_MODES
 
 MAX_DNS = 8
-_IFACE_KEYS = frozenset({"allow_users", "allow_groups", "dns", "ipv6", "gateway"})
+_IFACE_KEYS = frozenset({"allow_users", "allow_groups", "dns", "ipv6", "gateway",
+                         "user_options"})
+USER_OPTIONS = ("gateway", "dns", "ipv6")
 _DAEMON_KEYS = frozenset({"socket_group"})
 
 
@@ -52,6 +63,7 @@ class InterfacePolicy:
     dns: tuple[str, ...] = ()
     ipv6: str | None = None
     gateway: str | None = None
+    user_options: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,13 @@ def _interface(body: Mapping[str, Any], where: str) -> InterfacePolicy:
             check_gateway(gateway)
     except RequestError as exc:
         raise ConfigError(f"{where}: {exc.message}") from None
+    options = _names(body.get("user_options", []), f"{where} user_options")
+    unknown = sorted(options - set(USER_OPTIONS))
+    if unknown:
+        raise ConfigError(f"{where} user_options: unknown option {unknown[0]!r} (known: "
+                          f"{', '.join(USER_OPTIONS)})")
     return InterfacePolicy(allow_users=users, allow_groups=groups, dns=dns, ipv6=ipv6,
-                           gateway=gateway)
+                           gateway=gateway, user_options=options)
 
 
 def _names(value: Any, where: str) -> frozenset[str]:
@@ -198,6 +215,21 @@ def parse_request(raw: bytes) -> Request:
         ipv6=check_ipv6(data.get("ipv6", "auto")),
         dns=check_dns(data.get("dns", [])),
     )
+
+
+def check_user_options(request: Request, rules: InterfacePolicy | None, uid: int) -> None:
+    """Refuse the options a non-root caller set but the interface does not grant it
+    (``user_options``): routing options come from the config, the same for every user."""
+    if uid == 0:
+        return
+    granted = rules.user_options if rules is not None else frozenset()
+    asked = {"gateway": request.gateway is not None, "dns": bool(request.dns),
+             "ipv6": request.ipv6 != "auto"}
+    for name in USER_OPTIONS:
+        if asked[name] and name not in granted:
+            raise RequestError(
+                f"--{name} of {request.iface} is set by root in the config for every user "
+                f"(user_options of [interface.{request.iface}] does not list {name!r})")
 
 
 def effective(request: Request, rules: InterfacePolicy | None) -> Request:
