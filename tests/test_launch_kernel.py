@@ -321,3 +321,47 @@ def group_members(lab: Lab, env: dict[str, str], iface: str) -> list[int]:
     groups = json.loads(via(lab, env, "status", "--json").stdout)["groups"]
     return [m["pid"] for g in groups if g["interface"] == iface for m in g["members"]]
 
+
+
+# What a warm launch (the group exists) imports, besides what `python -c pass` does: the
+# contract of the hot path (tests/test_layers.py keeps the layers; this keeps the weight).
+WARM_LAUNCH_MODULES = [
+    "via_tunnel", "via_tunnel.cli", "via_tunnel.core", "via_tunnel.core.errors",
+    "via_tunnel.cli.main", "via_tunnel.core.names", "via_tunnel.core.wire",
+    "via_tunnel.core.launch_form", "via_tunnel.launch", "via_tunnel.kernel",
+    "via_tunnel.kernel.execs", "via_tunnel.kernel.ifflags", "via_tunnel.launch.launcher",
+    "via_tunnel.core.settings", "via_tunnel.group", "via_tunnel.kernel.files",
+    "via_tunnel.group.state", "via_tunnel.kernel.cgroup", "via_tunnel.launch.privdrop",
+    "via_tunnel.kernel.resolvers", "via_tunnel.kernel.instances",
+]
+# Standard modules a warm launch may not pull in (each costs more than the launch itself,
+# or means a subcommand's or a cold launch's machinery leaked onto the hot path). json reads
+# the group's record and brings re and enum with it.
+NOT_ON_THE_WARM_PATH = {"typing", "subprocess", "dataclasses", "socket", "signal", "asyncio",
+                        "threading", "tomllib", "ipaddress", "pyroute2", "nftables", "typer",
+                        "psutil", "logging", "argparse"}
+
+
+def _imported(lab: Lab, argv: list[str], env: dict[str, str]) -> list[str]:
+    i = argv.index(sys.executable) + 1
+    argv = [*argv[:i], "-X", "importtime", *argv[i:]]
+    r = lab.run(lab.client, argv, env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    return [ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines()
+            if ln.startswith("import time:") and "|" in ln]
+
+
+def test_a_warm_launch_imports_only_the_hot_path(lab: Lab, vt_env: dict[str, str],
+                                                 clean: None) -> None:
+    holder = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")
+    try:
+        wait_for(lambda: status(lab, vt_env), timeout=5, what="group")
+        base = set(_imported(lab, [*lab.nsenter(lab.client), sys.executable, "-c", "pass"],
+                             vt_env))
+        mods = [m for m in _imported(lab, via_argv(lab, "vlan3", "--", "true"), vt_env)
+                if m not in base]
+        assert [m for m in mods if m.startswith("via_tunnel")] == WARM_LAUNCH_MODULES
+        assert not NOT_ON_THE_WARM_PATH & {m.split(".")[0] for m in mods}, mods
+    finally:
+        holder.terminate()
+        holder.wait(timeout=5)
