@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import cgroup_leftovers, via, via_argv, via_popen, wait_for
@@ -365,3 +366,18 @@ def test_a_warm_launch_imports_only_the_hot_path(lab: Lab, vt_env: dict[str, str
     finally:
         holder.terminate()
         holder.wait(timeout=5)
+
+
+def test_a_missing_nft_binding_changes_nothing(lab: Lab, vt_env: dict[str, str],
+                                              clean: None, tmp_path: Path) -> None:
+    """Every prerequisite is checked before the first change: no rule, route, cgroup or
+    record is left by a launch that cannot complete."""
+    (tmp_path / "nftables.py").write_text("raise ImportError('no binding (test)')\n")
+    env = {**vt_env, "PYTHONPATH": f"{tmp_path}:{vt_env['PYTHONPATH']}"}
+    r = via(lab, env, "vlan3", "--", "true", check=False)
+    assert r.returncode == 125 and "libnftables Python binding is missing" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    groups_dir = os.path.join(vt_env["VIA_TUNNEL_STATE_DIR"], "groups")
+    # The watcher started before setup finds no record and leaves, lock file and all.
+    wait_for(lambda: not os.path.isdir(groups_dir) or not os.listdir(groups_dir), timeout=5,
+             what="an empty state directory")

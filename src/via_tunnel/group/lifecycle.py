@@ -91,8 +91,11 @@ def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = 
 def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
             dns: tuple[str, ...]) -> GroupRecord:
     from via_tunnel.core.plan import plan_group
-    from via_tunnel.kernel import netlink, resolvers
+    from via_tunnel.kernel import netlink, nft, resolvers
 
+    # Every prerequisite before the first change: a missing binding must not leave rules,
+    # routes and a cgroup behind (the interface's facts below need rtnetlink too).
+    nft.preload()
     mount = cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
     slot = state.free_slot(state.load_all(settings))
@@ -150,11 +153,15 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         state.save(settings, rec)
     flows.kill_sockets(cgroup.tree_path(rec.cgroup))
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
-    if nft.table_exists():
-        if not others:
-            nft.run_json([nft.delete_table_command()])
-        else:
-            _nft_detach(plan)
+    nft_error: ViaTunnelError | None = None
+    try:
+        if nft.table_exists():
+            if not others:
+                nft.run_json([nft.delete_table_command()])
+            else:
+                _nft_detach(plan)
+    except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same
+        nft_error = exc
     netlink.remove(plan.rules, [rec.table])
     if not others:
         netlink.remove(shared_rules()[::-1], [])
@@ -167,6 +174,8 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         sysctl.forget_saved(settings)
         with contextlib.suppress(OSError):  # our subtree, if nothing else lives in it
             os.rmdir(os.path.dirname(rec.cgroup))
+    if nft_error is not None:
+        raise nft_error
 
 
 def _nft_detach(plan: GroupPlan) -> None:
