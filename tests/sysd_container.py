@@ -45,6 +45,7 @@ from typing import Any
 INIT_SCRIPT = Path(__file__).with_name("sysd_init.sh")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXEC_CGROUP = "host-exec"
+GROUP_PREFIX = "vt-sysd-"  # host cgroup: GROUP_PREFIX + name + "-" + the creating PID
 # Join EXEC_CGROUP, then exec the command (argv after "sh").
 _ENTER = f'echo $$ > /sys/fs/cgroup/{EXEC_CGROUP}/cgroup.procs && exec "$@"'
 
@@ -72,7 +73,7 @@ class SystemdContainer:
 
     def __init__(self, name: str = "vtsysd") -> None:
         self.name = name
-        self.group = os.path.join(cgroup2_mount(), f"vt-sysd-{name}-{os.getpid()}")
+        self.group = os.path.join(cgroup2_mount(), f"{GROUP_PREFIX}{name}-{os.getpid()}")
         self.boot_state = ""
         self.failed_units: list[str] = []
         self._pid: int | None = None
@@ -299,6 +300,30 @@ class SystemdContainer:
         if os.path.exists(kill):
             with open(kill, "w") as f:
                 f.write("1")
+
+
+def remove_stale_groups() -> list[str]:
+    """Remove the host cgroups of containers whose test process was killed (SIGKILL leaves
+    them: the container itself dies with it). Returns what was removed."""
+    top = cgroup2_mount()
+    removed = []
+    for entry in os.listdir(top):
+        creator = entry.rsplit("-", 1)[-1]
+        if entry.startswith(GROUP_PREFIX) and creator.isdigit() and not _alive(int(creator)):
+            path = os.path.join(top, entry)
+            with open(os.path.join(path, "cgroup.kill"), "w") as f:
+                f.write("1")
+            _remove_tree(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -35,7 +35,9 @@ DROPPED_CAPS=-sys_module,-sys_time,-sys_rawio,-sys_boot,-syslog,-mac_admin,-mac_
 outer() {
     local group=$1 name=$2
     echo 0 > "$group/outer/cgroup.procs"
-    exec unshare --pid --fork --kill-child --mount --uts --ipc --net --propagation private \
+    # If the test process dies, unshare gets SIGKILL, and --kill-child takes the container.
+    exec setpriv --pdeathsig KILL -- \
+        unshare --pid --fork --kill-child --mount --uts --ipc --net --propagation private \
         -- "$0" payload "$group" "$name"
 }
 

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import require_kernel
-from sysd_container import SystemdContainer
+from sysd_container import SystemdContainer, remove_stale_groups
 
 pytestmark = pytest.mark.kernel
 
@@ -56,11 +56,13 @@ CONFIG = f"""\
 allow_users = ["{USER}"]
 gateway = "{TUN_PEER}"
 """
+FAR_PREFIX = "vtsysd-far-"
 PID1_WARNINGS = ("remains running after unit stopped", "Found left-over process")
 # What the host's disk would show if the install or resolved leaked out of the overlay.
 HOST_PATHS = ("/opt/via-tunnel", "/usr/local/bin/via-tunnel",
               "/usr/local/lib/systemd/system/via-tunnel.socket", "/etc/via-tunnel",
-              "/etc/resolv.conf", "/lib/systemd/systemd-resolved", "/run/via-tunnel",
+              "/lib/systemd/systemd-resolved", "/run/via-tunnel",
+              "/etc/systemd/system/dbus-org.freedesktop.resolve1.service",
               str(REPO / "build"), str(REPO / "src" / "via_tunnel.egg-info"))
 
 
@@ -75,18 +77,19 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env() -> Iterator[Env]:
     require_kernel()
     _require_extras()
+    _remove_stale()
     host_before = _host_state()
-    wheels = tmp_path_factory.mktemp("wheels")
-    _download_wheels(wheels)
     with ExitStack() as stack:
-        box = SystemdContainer(f"vtsysd{os.getpid()}")
+        wheels = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtsysd-whl-")))
+        _download_wheels(wheels)
+        box = SystemdContainer("vtsysd")
         stack.callback(box.close)
         box.boot()
         _install(box, wheels)
-        far = f"vtsysd-far-{os.getpid()}"
+        far = f"{FAR_PREFIX}{os.getpid()}"
         stack.callback(_remove_netns, far)
         _build_network(box, far)
         server = _start_far_end(far)
@@ -94,6 +97,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield Env(box, far, _kernel_state(box), host_before)
     assert not os.path.exists(box.group), f"host cgroup {box.group} left behind"
     assert not os.path.exists(f"/run/netns/{far}"), f"netns {far} left behind"
+
+
+def _remove_stale() -> None:
+    """What a killed run of this module left: host cgroups, far-end namespaces (their names
+    end with the PID of the test process that made them, now gone)."""
+    remove_stale_groups()
+    for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else ():
+        creator = name.removeprefix(FAR_PREFIX)
+        if name.startswith(FAR_PREFIX) and creator.isdigit() \
+                and not os.path.exists(f"/proc/{creator}"):
+            _remove_netns(name)
 
 
 def _require_extras() -> None:
@@ -166,7 +180,8 @@ def _build_network(box: SystemdContainer, far: str) -> None:
 
 def _start_far_end(far: str) -> subprocess.Popen[str]:
     server = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{far}", "/usr/bin/python3", str(FAR_END), ECHO, DNS],
+        ["setpriv", "--pdeathsig", "KILL", "--", "nsenter", f"--net=/run/netns/{far}",
+         "/usr/bin/python3", str(FAR_END), ECHO, DNS],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     assert server.stdout is not None
     if server.stdout.readline().strip() != "ready":
@@ -501,12 +516,20 @@ def resolved_debs() -> Iterator[str]:
     """systemd-resolved's package, the version of the installed systemd, downloaded (never
     installed on the host: it would take over its /etc/resolv.conf)."""
     version = _host(["dpkg-query", "-W", "-f=${Version}", "systemd"])
+    download = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+                f"systemd-resolved={version}"]
     with tempfile.TemporaryDirectory(prefix="vtsysd-debs-") as tmp:
-        done = subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
-                               f"systemd-resolved={version}"], cwd=tmp, capture_output=True,
-                              text=True, timeout=120, check=False)
+        done = subprocess.run(download, cwd=tmp, capture_output=True, text=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:  # package lists missing or stale
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300,
+                           check=False)
+            done = subprocess.run(download, cwd=tmp, capture_output=True, text=True,
+                                  timeout=120, check=False)
         if done.returncode != 0:
-            pytest.fail(f"apt-get download systemd-resolved={version} failed:\n{done.stderr}")
+            pytest.fail(f"apt-get download systemd-resolved={version} failed (the archive "
+                        f"must still have the installed systemd's version; else upgrade "
+                        f"systemd first):\n{done.stderr}")
         yield tmp
 
 
