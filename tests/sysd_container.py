@@ -38,12 +38,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 INIT_SCRIPT = Path(__file__).with_name("sysd_init.sh")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CLEAN_ENV = {"PATH": PATH, "LANG": "C.UTF-8"}  # what commands entered get, nothing else
 EXEC_CGROUP = "host-exec"
 GROUP_PREFIX = "vt-sysd-"  # host cgroup: GROUP_PREFIX + name + "-" + the creating PID
 # Join EXEC_CGROUP, then exec the command (argv after "sh").
@@ -72,6 +73,7 @@ class SystemdContainer:
     """
 
     def __init__(self, name: str = "vtsysd") -> None:
+        """``name``: hostname and ``$container`` inside; the host cgroup adds our PID."""
         self.name = name
         self.group = os.path.join(cgroup2_mount(), f"{GROUP_PREFIX}{name}-{os.getpid()}")
         self.boot_state = ""
@@ -110,6 +112,22 @@ class SystemdContainer:
         or degraded; ``boot_state`` and ``failed_units`` say which."""
         for sub in ("outer", "payload"):
             os.makedirs(os.path.join(self.group, sub))
+        try:
+            self._start()
+            self._pid = self._wait_pid(timeout)
+            self.boot_state = self._wait_booted(timeout)
+            os.mkdir(os.path.join(self.group, "payload", EXEC_CGROUP))
+            listing = self.run(["systemctl", "list-units", "--failed", "--plain",
+                                "--no-legend"])
+        except BaseException:
+            self.close()
+            raise
+        self.failed_units = [line.split()[0] for line in listing.stdout.splitlines() if line]
+        return self
+
+    def _start(self) -> None:
+        """The init script, its stdio on a pty whose master a thread drains (a full pty
+        would block systemd's console output)."""
         master, slave = os.openpty()
         self._console_fd = master
         self._drain = threading.Thread(target=self._read_console, daemon=True)
@@ -118,19 +136,9 @@ class SystemdContainer:
             self._outer = subprocess.Popen(
                 [str(INIT_SCRIPT), "outer", self.group, self.name],
                 stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                env={"PATH": PATH})
+                env=dict(CLEAN_ENV))
         finally:
             os.close(slave)
-        try:
-            self._pid = self._wait_pid(timeout)
-            self.boot_state = self._wait_booted(timeout)
-            os.mkdir(os.path.join(self.group, "payload", EXEC_CGROUP))
-        except BaseException:
-            self.close()
-            raise
-        listing = self.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"])
-        self.failed_units = [line.split()[0] for line in listing.stdout.splitlines() if line]
-        return self
 
     def _read_console(self) -> None:
         assert self._console_fd is not None
@@ -166,7 +174,8 @@ class SystemdContainer:
         while time.monotonic() < deadline:
             if self._outer is not None and self._outer.poll() is not None:
                 break
-            state = self._run_raw(["systemctl", "is-system-running"], timeout=5).stdout.strip()
+            asked = ["nsenter", "-t", str(self.pid), "-a", "systemctl", "is-system-running"]
+            state = _host_run(asked, timeout=5).stdout.strip()
             if state in ("running", "degraded"):
                 return state
             time.sleep(0.03)
@@ -190,29 +199,19 @@ class SystemdContainer:
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the container and wait; text, stdout and stderr captured. A
         non-zero exit raises :class:`ContainerError` unless ``check=False``."""
-        result = self._run_raw(self.argv(argv, user=user, login=login), timeout=timeout,
-                               input=input, enter=False)
+        result = _host_run(self.argv(argv, user=user, login=login), timeout=timeout,
+                           input=input)
         if check and result.returncode != 0:
             raise ContainerError(f"{shlex.join(argv)} (user {user}) exited "
                                  f"{result.returncode}:\n{result.stdout}{result.stderr}")
         return result
-
-    def _run_raw(self, argv: Sequence[str], *, timeout: float, input: str | None = None,
-                 enter: bool = True) -> subprocess.CompletedProcess[str]:
-        full = ["nsenter", "-t", str(self.pid), "-a", *argv] if enter else list(argv)
-        try:
-            return subprocess.run(full, input=input, capture_output=True, text=True,
-                                  timeout=timeout, env=_clean_env(),
-                                  stdin=None if input is not None else subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise ContainerError(f"{shlex.join(full)} timed out after {timeout:g}s") from exc
 
     def popen(self, argv: Sequence[str], *, user: str | None = None, login: bool = False,
               **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in the container without waiting (``kw`` as for Popen; stdin is
         /dev/null unless given). Killed by :meth:`close` at the latest."""
         kw.setdefault("stdin", subprocess.DEVNULL)
-        kw.setdefault("env", _clean_env())
+        kw.setdefault("env", dict(CLEAN_ENV))
         proc = subprocess.Popen(self.argv(argv, user=user, login=login), **kw)
         self._procs.append(proc)
         return proc
@@ -249,7 +248,7 @@ class SystemdContainer:
             unpack = subprocess.run(
                 self.argv(["sh", "-c", 'mkdir -p "$1" && tar -C "$1" -xf -', "sh", dest]),
                 stdin=pack.stdout, capture_output=True, text=True, timeout=60,
-                env=_clean_env())
+                env=dict(CLEAN_ENV))
         finally:
             assert pack.stdout is not None
             pack.stdout.close()
@@ -326,8 +325,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {"PATH": PATH, "LANG": "C.UTF-8", **(extra or {})}
+def _host_run(argv: Sequence[str], *, timeout: float,
+              input: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, input=input, capture_output=True, text=True,
+                              timeout=timeout, env=dict(CLEAN_ENV),
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise ContainerError(f"{shlex.join(argv)} timed out after {timeout:g}s") from exc
 
 
 def _remove_tree(top: str, timeout: float = 10) -> None:
