@@ -18,16 +18,16 @@ set -euo pipefail
 stage=$1
 shift
 
-# Units that would act on the host, or are only slow here: masked in the container.
+# Units that would act on the host, or are only slow here: masked in the container, with
+# every unit the host's admin or packages enabled (/etc/systemd/system/*.wants: services of
+# that machine, such as networking, docker or cron) but those the container needs.
 MASKED_UNITS=(
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer
-    e2scrub_reap.service fstrim.timer man-db.timer systemd-tmpfiles-clean.timer
-    logrotate.timer
-    systemd-timesyncd.service systemd-pstore.service apparmor.service
-    console-getty.service getty@tty1.service serial-getty@.service
-    openvpn.service postgresql.service pcscd.socket ssh.service cron.service
+    e2scrub_reap.service fstrim.timer man-db.timer logrotate.timer
+    systemd-tmpfiles-clean.timer systemd-timesyncd.service systemd-pstore.service
+    apparmor.service openvpn.service ssh.service cron.service
     systemd-networkd.service systemd-networkd-wait-online.service
-    remote-fs.target
+    console-getty.service getty@tty1.service serial-getty@.service remote-fs.target
 )
 # Capabilities PID 1 (and so everything in the container) never gets.
 DROPPED_CAPS=-sys_module,-sys_time,-sys_rawio,-sys_boot,-syslog,-mac_admin,-mac_override,-wake_alarm,-block_suspend,-sys_pacct
@@ -94,7 +94,14 @@ rootfs() {
     mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$root/run"
     mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
 
-    local unit
+    local unit link
+    for link in "$root"/etc/systemd/system/*.wants/*; do
+        unit=${link##*/}
+        case $unit in
+            dbus* | systemd-logind* | systemd-journald* | systemd-resolved* | via-tunnel*) ;;
+            *) MASKED_UNITS+=("$unit") ;;
+        esac
+    done
     for unit in "${MASKED_UNITS[@]}"; do
         ln -sfn /dev/null "$root/etc/systemd/system/$unit"
     done
