@@ -149,8 +149,9 @@ def _download_wheels(dest: Path) -> None:
 
 
 def _install(box: SystemdContainer, wheels: Path) -> None:
-    """``make install`` from a copy of the checkout, offline; the daemon's socket enabled;
-    the users and the policy."""
+    """``make install`` from a copy of the checkout (build files stay in the container),
+    offline: the container has only ``lo`` yet, pip gets ``--no-index``. Then the socket
+    enabled (not the daemon: socket activation), the users, the policy, alice's manager."""
     box.copy_in(str(REPO), "/root/via-tunnel",
                 exclude=(".venv", ".git", "__pycache__", "*.egg-info", "build"))
     box.copy_in(str(wheels), "/root/wheels")
@@ -230,10 +231,10 @@ def _host_state() -> dict[str, Any]:
 
 # -- how a user starts something ------------------------------------------------------------
 
-def in_session(box: SystemdContainer, argv: Sequence[str], user: str = USER,
-               **kw: Any) -> subprocess.CompletedProcess[str]:
+def in_session(box: SystemdContainer, argv: Sequence[str],
+               user: str = USER) -> subprocess.CompletedProcess[str]:
     """From a logind session of ``user`` (``su -l``: session-N.scope)."""
-    return box.run(argv, user=user, login=True, check=False, **kw)
+    return box.run(argv, user=user, login=True, check=False)
 
 
 def from_user_manager(box: SystemdContainer,
