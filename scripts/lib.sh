@@ -4,7 +4,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNTIME_DEBS=(nftables python3-nftables python3-venv iproute2 util-linux conntrack)
 TEST_DEBS=(openvpn tcpdump curl socat desktop-file-utils procps sudo passwd bash-completion zsh fish groff make
-           shellcheck wireguard-go wireguard-tools)
+           shellcheck wireguard-go wireguard-tools
+           systemd dbus libpam-systemd dbus-user-session)
 # apt_install installs these in a step of their own, with --no-install-recommends: with its
 # recommends, wireguard-tools pulls a kernel image, initramfs-tools and udev. The tests use the
 # userspace wireguard-go (tests/wg_lab.py): a container cannot load the kernel module.
