@@ -153,7 +153,7 @@ def test_snapshot(lab: Lab) -> None:
     snap = lab.snapshot(lab.client)
     assert set(snap) == {"rules", "routes", "nft", "sysctl_src_valid_mark"}
     assert [r["priority"] for r in snap["rules"]["4"]] == [0, 32766, 32767]
-    assert snap["sysctl_src_valid_mark"] == 0
+    assert snap["sysctl_src_valid_mark"] == 1  # conftest.host_like
     assert snap["nft"]["nftables"][0].get("metainfo")  # an empty ruleset still has metainfo
     assert any(r.get("dev") == "vlan3" for r in snap["routes"]["4"])
     assert snap == lab.snapshot(lab.client)
