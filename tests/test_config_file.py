@@ -75,3 +75,14 @@ def test_a_missing_file_is_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert apply.load_gateway_table("tun0") == ({}, str(tmp_path / "none.toml"))
     assert config.load(str(tmp_path / "none.toml")) == config.ConfigFile(
         str(tmp_path / "none.toml"))
+
+
+def test_the_launch_section_lists_single_instance_programs() -> None:
+    from via_tunnel.core.config import ConfigError, launch_section, parse
+
+    parse('[launch]\nsingle_instance = ["myapp"]\n')
+    assert launch_section({"single_instance": ["myapp"]}, "c") == frozenset({"myapp"})
+    for bad in ('[launch]\nsingle_instance = "myapp"\n', '[launch]\nsingle_instance = ["/x"]\n',
+                '[launch]\nsingle = ["x"]\n', 'launch = 3\n'):
+        with pytest.raises(ConfigError):
+            parse(bad)

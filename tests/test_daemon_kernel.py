@@ -417,19 +417,36 @@ def test_single_instance_warning(lab: Lab, denv: dict[str, str], users: Users,
     app = app_dir / "fakebrowser"
     app.write_bytes(Path("/bin/sleep").read_bytes())
     app.chmod(0o755)
-    running = lab.popen(lab.client, as_user(users.allowed, str(app), "30"))
+    # The launcher reads [launch] itself, as the user: a config it can read (the daemon keeps
+    # its own, named when it started).
+    config = app_dir / "config.toml"
+    config.write_text(Path(denv["VIA_TUNNEL_CONFIG"]).read_text())
+    config.chmod(0o644)
+    lenv = {**denv, "VIA_TUNNEL_CONFIG": str(config)}
+    elsewhere = lab.popen(lab.gateway, as_user(users.allowed, str(app), "30"))
+    running = None
     try:
+        # Not a single-instance program (as far as via-tunnel knows): no warning.
+        running = lab.popen(lab.client, as_user(users.allowed, str(app), "30"))
         r = via_as(lab, denv, users.allowed, "vlan3", "--", str(app), "0")
+        assert (r.returncode, r.stderr) == (0, "")
+        # Listed in the config: the instance in this network namespace is named...
+        config.write_text(config.read_text() + '[launch]\nsingle_instance = ["fakebrowser"]\n')
+        r = via_as(lab, lenv, users.allowed, "vlan3", "--", str(app), "0")
         assert r.returncode == 0
         assert r.stderr.count("\n") == 1
         assert "fakebrowser is already running outside vlan3's group" in r.stderr
         assert str(running.pid) in r.stderr and "--user-data-dir" in r.stderr
+        # ...and the one in another network namespace never is (it gets no requests).
         running.kill()
         running.wait()
-        r = via_as(lab, denv, users.allowed, "vlan3", "--", str(app), "0")
+        r = via_as(lab, lenv, users.allowed, "vlan3", "--", str(app), "0")
         assert (r.returncode, r.stderr) == (0, "")
     finally:
-        running.kill()
+        for proc in (running, elsewhere):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
         shutil.rmtree(app_dir)
 
 

@@ -5,6 +5,7 @@
     [daemon]            # who may use the daemon's socket   (read by core.policy)
     [interface.NAME]    # who may use NAME, and its defaults (read by core.policy)
     [gateway.NAME]      # `via-tunnel gateway up NAME`       (read by the gateway)
+    [launch]            # single_instance = ["app", ...]     (read by :func:`launch_section`)
 
 :func:`load` and :func:`parse` check the file as a whole, for every reader alike: UTF-8,
 TOML, no section but these three, ``[daemon]`` a table, ``[interface]`` and ``[gateway]``
@@ -29,7 +30,8 @@ from typing import Any
 from via_tunnel.core.errors import UsageError, ViaTunnelError
 from via_tunnel.core.names import validate_ifname
 
-SECTIONS = ("daemon", "interface", "gateway")
+SECTIONS = ("daemon", "interface", "gateway", "launch")
+LAUNCH_KEYS = frozenset({"single_instance"})
 _NAMED = ("interface", "gateway")  # tables of [SECTION.NAME] tables
 
 
@@ -75,6 +77,7 @@ def parse(text: str, path: str = "config.toml") -> ConfigFile:
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError(f"{path}: [daemon] must be a table")
+    launch_section(data.get("launch", {}), path)
     named = {section: _named_tables(data.get(section, {}), section, path)
              for section in _NAMED}
     return ConfigFile(path, daemon, named["interface"], named["gateway"])
@@ -101,3 +104,18 @@ def check_keys(table: Mapping[str, Any], known: frozenset[str], where: str) -> N
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} "
                           f"(known: {', '.join(sorted(known))})")
+
+
+def launch_section(launch: Any, path: str) -> frozenset[str]:
+    """The ``[launch]`` section: ``single_instance``, the names of programs (their
+    executable's file name) that hand a new launch to an instance already running, besides
+    the built-in list (kernel/instances.py)."""
+    if not isinstance(launch, dict):
+        raise ConfigError(f"{path}: [launch] must be a table")
+    check_keys(launch, LAUNCH_KEYS, f"{path}: [launch]")
+    names = launch.get("single_instance", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n
+                                              for n in names):
+        raise ConfigError(f"{path}: [launch] single_instance must be a list of program "
+                          f"names")
+    return frozenset(names)

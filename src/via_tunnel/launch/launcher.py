@@ -104,9 +104,10 @@ def _ensure(settings: Settings, args: LaunchArgs) -> GroupRecord:
 
 
 def _warn_if_running(path: str, uid: int, iface: str) -> None:
+    from via_tunnel.core.settings import config_path
     from via_tunnel.kernel.instances import warn_if_running
 
-    warn_if_running(path, uid, iface)
+    warn_if_running(path, uid, iface, config_path())
 
 
 def warn_if_dns_refused(iface: str) -> None:
