@@ -156,8 +156,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     state.delete(settings, rec.iface)
     if not others:
         sysctl.restore(settings)
-        with contextlib.suppress(OSError):  # our subtree, if nothing else lives in it
-            os.rmdir(os.path.dirname(rec.cgroup))
+        cgroup.remove_if_empty(os.path.dirname(rec.cgroup))  # our subtree
 
 
 def _nft_detach(plan: GroupPlan) -> None:
@@ -323,6 +322,5 @@ def cleanup(settings: Settings) -> list[str]:
                         and not cgroup.populated(child):
                     cgroup.remove(child)
                     done.append(f"removed cgroup {child}")
-            with contextlib.suppress(OSError):
-                os.rmdir(subtree)
+            cgroup.remove_if_empty(subtree)
     return done

@@ -122,6 +122,18 @@ def events_say_populated(content: bytes) -> bool:
     return b"populated 1" in content.split(b"\n")
 
 
+def remove_if_empty(path: str) -> bool:
+    """Remove the cgroup directory ``path`` if it holds no group and no process (our
+    subtree once its last group is gone); a missing one is fine. True when it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:  # EBUSY: a group or a process is still in it
+        return False
+    return True
+
+
 def remove(path: str) -> None:
     """Remove the group (and empty descendants, deepest first); a missing one is fine."""
     for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda t: -len(t[0])):
