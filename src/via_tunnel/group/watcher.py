@@ -12,7 +12,6 @@ watcher is gone and starts another; ``via-tunnel cleanup`` recovers if none come
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import signal
@@ -49,11 +48,7 @@ def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> No
 
 def _run(settings: Settings, iface: str, ready_fd: int) -> None:
     try:
-        fd = os.open(state.watcher_lock_path(settings, iface),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())  # for `status` and for tests
+        state.hold_watch_lock(settings, iface, wait=True)  # held until this process ends
         # The launcher may go on: the watch lock is held. If it was killed meanwhile (EPIPE),
         # watch all the same: whatever it set up before dying is ours to remove.
         with contextlib.suppress(OSError):
