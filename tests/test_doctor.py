@@ -14,15 +14,12 @@ from via_tunnel.core.plan import LinkFacts
 from via_tunnel.core.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
 from via_tunnel.doctor import run as doctor
 from via_tunnel.doctor.check import FAIL, OK, WARN, Check
-from via_tunnel.doctor.checks import (
-    cgroup2_verdict,
-    networkd_settings,
-    networkd_verdict,
-    probe_verdict,
-    rp_filter_verdict,
-)
+from via_tunnel.doctor.checks import cgroup2_verdict
 from via_tunnel.doctor.iface import facts_verdicts
 from via_tunnel.doctor.marks import bits_set, check_foreign_marks
+from via_tunnel.doctor.netfilter import probe_verdict
+from via_tunnel.doctor.networkd import networkd_settings, networkd_verdict
+from via_tunnel.doctor.routing import rp_filter_verdict
 from via_tunnel.doctor.rules import (
     FR_ACT_BLACKHOLE,
     IpRule,

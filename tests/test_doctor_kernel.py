@@ -413,12 +413,10 @@ def test_kernel_probe_reports_what_the_kernel_refuses(lab: Lab, denv: dict[str, 
     """The probe's verdict comes from the kernel's answers: a message the kernel refuses
     (deleting a chain that does not exist) is a FAIL, and nothing is ever committed."""
     code = (
-        "import nftables\n"
-        "from via_tunnel.doctor.checks import PROBE_TABLE, run_probe\n"
-        "ctx = nftables.Nftables()\n"
+        "from via_tunnel.doctor.netfilter import PROBE_TABLE, run_probe\n"
         "t = f'add table inet {PROBE_TABLE}\\n'\n"
-        "print(run_probe(ctx, 'nat', t).status)\n"
-        "print(run_probe(ctx, 'nat', t + f'delete chain inet {PROBE_TABLE} nosuch\\n').status)\n"
+        "print(run_probe('nat', t).status)\n"
+        "print(run_probe('nat', t + f'delete chain inet {PROBE_TABLE} nosuch\\n').status)\n"
     )
     out = lab.run(lab.client, [sys.executable, "-c", code], env=denv).stdout.split()
     assert out == ["ok", "fail"]
@@ -430,11 +428,13 @@ def test_kernel_probe_reports_what_the_kernel_refuses(lab: Lab, denv: dict[str, 
 
 @pytest.fixture(scope="module")
 def readable_copy() -> Iterator[str]:
-    """via_tunnel and pyroute2 copied where an unprivileged user can read them (the checkout
-    or the venv may not be readable by others)."""
+    """via_tunnel, pyroute2 and psutil copied where an unprivileged user can read them (the
+    checkout or the venv may not be readable by others)."""
+    import psutil
     import pyroute2
 
-    with readable_package(os.path.dirname(pyroute2.__file__ or "")) as top:
+    with readable_package(*(os.path.dirname(m.__file__ or "") for m in (pyroute2, psutil))
+                          ) as top:
         yield top
 
 
@@ -444,7 +444,7 @@ def test_without_root_checks_what_it_can(lab: Lab, denv: dict[str, str],
         pytest.fail("this test needs setpriv and /usr/bin/python3 (util-linux, python3)")
     # Straight to doctor.run (the typer CLI around it is exercised by the tests above, and
     # copying typer and its dependencies here would test nothing more).
-    code = "from via_tunnel import doctor; raise SystemExit(doctor.run('tun0', json_out=True))"
+    code = "from via_tunnel.doctor.run import run; raise SystemExit(run('tun0', json_out=True))"
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
             "/usr/bin/python3", "-c", code]
     r = lab.run(lab.client, argv, env={**denv, "PYTHONPATH": readable_copy}, check=False)

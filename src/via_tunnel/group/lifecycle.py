@@ -296,31 +296,45 @@ def cleanup(settings: Settings) -> list[str]:
             done.append(f"removed group {rec.iface}")
     live = state.load_all(settings)
     done.extend(state.remove_orphan_tmp(settings))
-    live_slots = {r.slot for r in live}
-    stray_rules: list[RuleSpec] = []
-    stray_tables: list[int] = []
-    for slot in range(1, MAX_SLOT + 1):
-        if slot not in live_slots:
-            stray_tables.append(table_for_slot(slot))
-            stray_rules.extend(group_rules(mark_for_slot(slot), table_for_slot(slot)))
-    present = netlink.our_rules_and_tables(stray_rules, stray_tables)
-    if present:
-        netlink.remove(present[0], present[1])
-        done.append(f"removed {len(present[0])} stray ip rule(s), "
-                    f"{len(present[1])} stray table(s)")
+    rules, tables = stray_kernel_objects({r.slot for r in live})
+    if rules or tables:
+        netlink.remove(rules, tables)
+        done.append(f"removed {len(rules)} stray ip rule(s), {len(tables)} stray table(s)")
     if not live:
         if nft.table_exists():
             nft.run_json([nft.delete_table_command()])
             done.append("removed nft table inet via_tunnel")
         sysctl.restore(settings)
-        mount = cgroup.cgroup2_mount()
-        subtree = os.path.join(mount, settings.cgroup_subtree)
-        if os.path.isdir(subtree):
-            for name in os.listdir(subtree):
-                child = os.path.join(subtree, name)
-                if name.startswith(GROUP_PREFIX) and os.path.isdir(child) \
-                        and not cgroup.populated(child):
-                    cgroup.remove(child)
-                    done.append(f"removed cgroup {child}")
-            cgroup.remove_if_empty(subtree)
+        for child in group_cgroups(settings):
+            if not cgroup.populated(child):
+                cgroup.remove(child)
+                done.append(f"removed cgroup {child}")
+        cgroup.remove_if_empty(subtree_path(settings))
     return done
+
+
+def stray_kernel_objects(live_slots: set[int]) -> tuple[list[RuleSpec], list[int]]:
+    """Our ip rules, and our routing tables that hold routes, of every slot no group holds
+    (a run killed before it wrote its record, or after): what :func:`cleanup` removes and
+    doctor reports."""
+    from via_tunnel.kernel import netlink
+
+    spare = [s for s in range(1, MAX_SLOT + 1) if s not in live_slots]
+    rules = [r for s in spare for r in group_rules(mark_for_slot(s), table_for_slot(s))]
+    return netlink.our_rules_and_tables(rules, [table_for_slot(s) for s in spare])
+
+
+def subtree_path(settings: Settings) -> str:
+    """Our cgroup subtree, the parent of every group's cgroup."""
+    return os.path.join(cgroup.cgroup2_mount(), settings.cgroup_subtree)
+
+
+def group_cgroups(settings: Settings) -> list[str]:
+    """Every group cgroup (``if-IFACE``) in our subtree, recorded or not, sorted."""
+    subtree = subtree_path(settings)
+    try:
+        names = sorted(os.listdir(subtree))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(subtree, n) for n in names
+            if n.startswith(GROUP_PREFIX) and os.path.isdir(os.path.join(subtree, n))]

@@ -100,6 +100,14 @@ def _text() -> Any:
     return _text_ctx
 
 
+def text_cmd(text: str) -> tuple[int, str, str]:
+    """libnftables' own answer (return code, output, errors) to nft command text, through
+    the text context, for a caller that judges the answer itself (doctor's probes). The
+    text is the caller's fixed commands, never user input."""
+    rc, out, err = _text().cmd(text)
+    return rc, out, err
+
+
 def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:
     """A table as nft prints it (text), or None when it does not exist. ``family`` and
     ``name`` are our fixed names, never user input (they are spliced into the command).
