@@ -1,7 +1,7 @@
 """Doctor: the checks of the machine, in report order, and the small ones (cgroup2, the
-programs via-tunnel runs). The others live by concern: nftables (netfilter.py), rp_filter
-and ip rules (routing.py), systemd-networkd (networkd.py), leftovers of crashed runs
-(leftovers.py), the daemon's socket (daemon.py).
+kernel interfaces for a group's sockets and conntrack entries). The others live by concern:
+nftables (netfilter.py), rp_filter and ip rules (routing.py), systemd-networkd
+(networkd.py), leftovers of crashed runs (leftovers.py), the daemon's socket (daemon.py).
 
 Every check is a function returning report lines (:class:`via_tunnel.doctor.check.Check`)
 and changes nothing. The parts that decide (parsers, probe verdicts) are pure functions next
@@ -10,10 +10,8 @@ to the code that gathers their input, so they can be tested without root.
 
 from __future__ import annotations
 
-import shutil
-
 from via_tunnel.doctor import daemon, leftovers, netfilter, networkd, routing
-from via_tunnel.doctor.check import FAIL, OK, WARN, Check, CheckFn
+from via_tunnel.doctor.check import FAIL, NEEDS_ROOT, OK, WARN, Check, CheckFn, is_root
 
 
 def machine_checks() -> list[tuple[str, CheckFn]]:
@@ -28,29 +26,64 @@ def machine_checks() -> list[tuple[str, CheckFn]]:
         ("networkd", networkd.check_networkd),
         ("leftovers", leftovers.check_leftovers),
         ("daemon", daemon.check_daemon),
-        ("tools", check_tools),
+        ("flows", check_flows),
     ]
 
 
-# Programs via-tunnel runs, and what goes missing without them.
-TOOLS = (
-    ("ss", "iproute2", "a group's leftover sockets are not destroyed before teardown (their "
-                       "last packets could leave by the LAN)"),
-    ("conntrack", "conntrack", "after our nft table was flushed, flows that escaped "
-                               "masquerade keep the LAN address until they end"),
-)
+def check_flows() -> list[Check]:
+    """The kernel interfaces a group's teardown and repair use, tried on doctor's own:
+    sock_diag finds a throwaway socket of this process by its cgroup and destroys it (only
+    that one; kernel/sockdiag.py), ctnetlink lists conntrack entries by mark
+    (kernel/conntrack.py)."""
+    if not is_root():
+        return [Check("flows", WARN, "socket destroy and conntrack not checked (needs root)",
+                      NEEDS_ROOT)]
+    return [_sockets_verdict(), _conntrack_verdict()]
 
 
-def check_tools(path: str | None = None) -> list[Check]:
-    """The programs via-tunnel runs are on PATH (``path`` overrides it, for tests)."""
-    out = []
-    for program, package, without in TOOLS:
-        if shutil.which(program, path=path) is None:
-            out.append(Check(f"tool-{program}", WARN, f"{program} not found: {without}",
-                             f"apt install {package}"))
-        else:
-            out.append(Check(f"tool-{program}", OK, f"{program} found"))
-    return out
+def _sockets_verdict() -> Check:
+    import socket
+
+    from via_tunnel.kernel import cgroup, sockdiag
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        try:
+            mine = [s for s in sockdiag.sockets(cgroup.own_cgroup(cgroup.cgroup2_mount()),
+                                                   descendants=False)
+                    if s.proto == "udp" and s.local == "127.0.0.1" and s.port == port]
+            destroyed = sockdiag.destroy_sockets(mine)
+        except OSError as exc:
+            return Check("flows:sockets", FAIL, f"sock_diag refused: {exc.strerror}",
+                         _SOCK_DIAG_FIX)
+    if not mine:
+        return Check("flows:sockets", FAIL, "sock_diag does not find this process's socket "
+                                            "by its cgroup", _SOCK_DIAG_FIX)
+    if not destroyed:
+        return Check("flows:sockets", FAIL, "sock_diag cannot destroy sockets", _SOCK_DIAG_FIX)
+    return Check("flows:sockets", OK, "a group's sockets are found by cgroup and destroyed "
+                                      "before teardown")
+
+
+def _conntrack_verdict() -> Check:
+    from via_tunnel.kernel import conntrack
+
+    try:
+        with conntrack.open_socket() as nl:
+            conntrack.dump(nl, 0xFFFF_FFFF, 0xFFFF_FFFF)  # a mark nobody sets: lists nothing
+    except OSError as exc:
+        return Check("flows:conntrack", WARN,
+                     f"ctnetlink refused: {exc.strerror}: flows that escaped masquerade while "
+                     f"our nft table was gone keep the LAN address",
+                     "a kernel with NF_CT_NETLINK and NF_CONNTRACK_MARK")
+    return Check("flows:conntrack", OK, "conntrack entries are listed by mark (both families) "
+                                        "and deleted in-process")
+
+
+_SOCK_DIAG_FIX = ("a kernel with INET_DIAG, INET_UDP_DIAG, INET_DIAG_DESTROY and cgroup "
+                  "filters (Linux 5.8); without it an exited program's orphaned TCP sockets "
+                  "may retransmit by the LAN after teardown")
 
 
 def cgroup2_verdict(lines: list[str]) -> Check:

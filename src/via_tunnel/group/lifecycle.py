@@ -141,7 +141,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
         rec.ready = False
         state.save(settings, rec)
-    flows.kill_sockets(cgroup.tree_path(rec.cgroup))
+    flows.kill_sockets(rec.cgroup)
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
     if nft.table_exists():
         if not others:
@@ -216,7 +216,7 @@ def _reset_flows(rec: GroupRecord) -> None:
         facts = netlink.link_facts(rec.iface)
     except ViaTunnelError:
         return  # the interface is gone: its routes are too, and repair comes back later
-    flows.reset_unmasqueraded(cgroup.tree_path(rec.cgroup), rec.mark, MARK_MASK,
+    flows.reset_unmasqueraded(rec.cgroup, rec.mark, MARK_MASK,
                               (*facts.ipv4, *facts.ipv6_global))
 
 

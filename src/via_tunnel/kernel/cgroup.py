@@ -54,12 +54,6 @@ def level_of(path: str, mount: str) -> int:
     return len(rel.split("/"))
 
 
-def tree_path(path: str) -> str:
-    """``path`` as seen from the cgroup2 mount ("/via-tunnel/if-tun0"), the form ``ss`` and
-    ``/proc/PID/cgroup`` use."""
-    return "/" + os.path.relpath(path, cgroup2_mount())
-
-
 def nft_path(path: str) -> str:
     """The string nft wants for ``socket cgroupv2``: the path relative to /sys/fs/cgroup."""
     rel = os.path.relpath(path, NFT_CGROUP_BASE)
