@@ -21,7 +21,6 @@ from via_tunnel.kernel.nlmsg import (
     NETLINK_NETFILTER,
     NFGEN,
     NFNETLINK_V0,
-    NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NetlinkError,
@@ -47,7 +46,6 @@ PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 _NUMBERS = {name: num for num, name in PROTOCOLS.items()}
 _ADDR: dict[int, tuple[int, int]] = {socket.AF_INET: (CTA_IP_V4_SRC, CTA_IP_V4_DST),
                                      socket.AF_INET6: (CTA_IP_V6_SRC, CTA_IP_V6_DST)}
-_BATCH = 256  # delete requests per datagram
 
 
 class Entry(NamedTuple):
@@ -142,17 +140,12 @@ def dump(nl: Socket, mark: int, mask: int) -> list[Entry]:
 def delete(nl: Socket, entries: list[Entry]) -> int:
     """Delete ``entries``, many per datagram; returns how many the kernel deleted (one
     already gone, ENOENT, is not an error)."""
-    deleted = 0
-    for start in range(0, len(entries), _BATCH):
-        batch = entries[start:start + _BATCH]
-        seqs = nl.request_all([(_type(IPCTNL_MSG_CT_DELETE), NLM_F_REQUEST | NLM_F_ACK,
-                                delete_request(e)) for e in batch])
-        codes = nl.acks(seqs, "delete conntrack entries")
-        deleted += sum(1 for code in codes if code == 0)
-        bad = [code for code in codes if code not in (0, errno.ENOENT)]
-        if bad:
-            raise NetlinkError(bad[0], "delete conntrack entries")
-    return deleted
+    codes = nl.each_acked(_type(IPCTNL_MSG_CT_DELETE), [delete_request(e) for e in entries],
+                          "delete conntrack entries")
+    bad = [code for code in codes if code not in (0, errno.ENOENT)]
+    if bad:
+        raise NetlinkError(bad[0], "delete conntrack entries")
+    return codes.count(0)
 
 
 def open_socket() -> Socket:

@@ -58,6 +58,7 @@ NFNLGRP_NFTABLES = 7
 NFGEN = struct.Struct("!BBH")  # nfgenmsg: family, version, resource id (big endian)
 
 _RECV_SIZE = 1 << 18  # a dump's datagrams are at most 32 KiB
+_BATCH = 256  # requests per datagram (well below the socket's send buffer)
 
 
 class NetlinkError(OSError):
@@ -159,14 +160,18 @@ class Socket:
         self.sock.send(message(kind, flags, seq, payload))
         return seq
 
-    def request_all(self, requests: list[tuple[int, int, bytes]]) -> list[int]:
-        """Send several messages (type, flags, payload) in one datagram, which the kernel
-        handles one after the other; returns their sequence numbers."""
-        seqs = [self.next_seq() for _ in requests]
-        self.sock.send(b"".join(message(kind, flags, seq, payload)
-                                for seq, (kind, flags, payload) in zip(seqs, requests,
-                                                                       strict=True)))
-        return seqs
+    def each_acked(self, kind: int, payloads: list[bytes], what: str) -> list[int]:
+        """Send one acknowledged request of type ``kind`` per payload, many per datagram
+        (the kernel handles them one after the other), and return the errno the kernel
+        answered each with (0: done), in order."""
+        codes: list[int] = []
+        for start in range(0, len(payloads), _BATCH):
+            batch = payloads[start:start + _BATCH]
+            seqs = [self.next_seq() for _ in batch]
+            self.sock.send(b"".join(message(kind, NLM_F_REQUEST | NLM_F_ACK, seq, payload)
+                                    for seq, payload in zip(seqs, batch, strict=True)))
+            codes += self.acks(seqs, what)
+        return codes
 
     def answers(self, seq: int, what: str) -> Iterator[bytes]:
         """The messages answering request ``seq`` (whole, header included), until its end.

@@ -23,7 +23,6 @@ from typing import NamedTuple
 from via_tunnel.kernel.nlmsg import (
     HEADER,
     NETLINK_SOCK_DIAG,
-    NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NetlinkError,
@@ -39,7 +38,6 @@ INET_DIAG_BC_CGROUP_COND = 13
 ALL_STATES = 0xFFFFFFFF
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
-_BATCH = 256  # destroy requests per datagram
 
 # struct inet_diag_req_v2 and struct inet_diag_sockid (ports and addresses big endian)
 _REQ = struct.Struct("=BBBxI")  # family, protocol, extensions, (pad: raw protocol), states
@@ -150,14 +148,9 @@ def destroy(path: str) -> list[Sock]:
 def destroy_sockets(found: list[Sock]) -> list[Sock]:
     """Destroy the sockets ``found`` (from :func:`sockets`); returns those the kernel
     destroyed (one that closed meanwhile is skipped)."""
-    destroyed: list[Sock] = []
     if not found:
-        return destroyed
+        return []
     with Socket(NETLINK_SOCK_DIAG) as nl:
-        for start in range(0, len(found), _BATCH):
-            batch = found[start:start + _BATCH]
-            seqs = nl.request_all([(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK,
-                                    destroy_request(s)) for s in batch])
-            codes = nl.acks(seqs, "destroy sockets")
-            destroyed += [s for s, code in zip(batch, codes, strict=True) if code == 0]
-    return destroyed
+        codes = nl.each_acked(SOCK_DESTROY, [destroy_request(s) for s in found],
+                              "destroy sockets")
+    return [s for s, code in zip(found, codes, strict=True) if code == 0]
