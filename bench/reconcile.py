@@ -89,7 +89,7 @@ def main() -> int:
             for _ in range(args.runs):
                 with Capture(lab, lab.client, "eth0",
                              f"udp and dst host {Lab.SERVER}") as lan:
-                    argv = [sys.executable, "-I", lab_probe.__file__, kind, str(table)]
+                    argv = lab_probe.command(kind, table)
                     out = json.loads(lab.run(lab.client, argv, timeout=10).stdout)
                     time.sleep(0.1)
                 if out["restored_ms"] is None:

@@ -1,5 +1,7 @@
 """Finding the cgroup2 mount and computing levels and nft paths (pure parts)."""
 
+from pathlib import Path
+
 import pytest
 
 from via_tunnel.core.errors import ViaTunnelError
@@ -35,3 +37,13 @@ def test_nft_path_is_relative_to_sys_fs_cgroup() -> None:
     assert cgroup.nft_path("/sys/fs/cgroup/unified/via-tunnel/if-x") == "unified/via-tunnel/if-x"
     with pytest.raises(ViaTunnelError):
         cgroup.nft_path("/mnt/cg/via-tunnel/if-x")
+
+
+def test_remove_if_empty_keeps_a_directory_with_something_in_it(tmp_path: Path) -> None:
+    remove_if_empty = cgroup.remove_if_empty
+    subtree = tmp_path / "via-tunnel"
+    (subtree / "if-tun0").mkdir(parents=True)
+    assert remove_if_empty(str(subtree)) is False and subtree.is_dir()
+    (subtree / "if-tun0").rmdir()
+    assert remove_if_empty(str(subtree)) is True and not subtree.exists()
+    assert remove_if_empty(str(subtree)) is True  # already gone

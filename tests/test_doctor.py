@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from socket import AF_INET, AF_INET6
 
 import pytest
@@ -14,15 +13,12 @@ from via_tunnel.core.plan import LinkFacts
 from via_tunnel.core.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
 from via_tunnel.doctor import run as doctor
 from via_tunnel.doctor.check import FAIL, OK, WARN, Check
-from via_tunnel.doctor.checks import (
-    cgroup2_verdict,
-    networkd_settings,
-    networkd_verdict,
-    probe_verdict,
-    rp_filter_verdict,
-)
+from via_tunnel.doctor.checks import cgroup2_verdict
 from via_tunnel.doctor.iface import facts_verdicts
 from via_tunnel.doctor.marks import bits_set, check_foreign_marks
+from via_tunnel.doctor.netfilter import probe_verdict
+from via_tunnel.doctor.networkd import networkd_settings, networkd_verdict
+from via_tunnel.doctor.routing import rp_filter_verdict
 from via_tunnel.doctor.rules import (
     FR_ACT_BLACKHOLE,
     IpRule,
@@ -306,18 +302,6 @@ def test_doctor_module_does_not_import_typer() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_missing_tools_are_warned_about_with_the_package(tmp_path: Path) -> None:
-    from via_tunnel.doctor.checks import check_tools
-
-    (tmp_path / "ss").write_text("#!/bin/sh\n")
-    (tmp_path / "ss").chmod(0o755)  # ss present, conntrack not
-    got = {c.name: c for c in check_tools(path=str(tmp_path))}
-    assert got["tool-ss"].status == "ok"
-    assert got["tool-conntrack"].status == "warn"
-    assert got["tool-conntrack"].fix == "apt install conntrack"
-
 
 
 # ----------------------------------------------------------------- foreign nft marks

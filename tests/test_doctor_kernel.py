@@ -420,12 +420,10 @@ def test_kernel_probe_reports_what_the_kernel_refuses(lab: Lab, denv: dict[str, 
     """The probe's verdict comes from the kernel's answers: a message the kernel refuses
     (deleting a chain that does not exist) is a FAIL, and nothing is ever committed."""
     code = (
-        "import nftables\n"
-        "from via_tunnel.doctor.checks import PROBE_TABLE, run_probe\n"
-        "ctx = nftables.Nftables()\n"
+        "from via_tunnel.doctor.netfilter import PROBE_TABLE, run_probe\n"
         "t = f'add table inet {PROBE_TABLE}\\n'\n"
-        "print(run_probe(ctx, 'nat', t).status)\n"
-        "print(run_probe(ctx, 'nat', t + f'delete chain inet {PROBE_TABLE} nosuch\\n').status)\n"
+        "print(run_probe('nat', t).status)\n"
+        "print(run_probe('nat', t + f'delete chain inet {PROBE_TABLE} nosuch\\n').status)\n"
     )
     out = lab.run(lab.client, [sys.executable, "-c", code], env=denv).stdout.split()
     assert out == ["ok", "fail"]
@@ -437,11 +435,13 @@ def test_kernel_probe_reports_what_the_kernel_refuses(lab: Lab, denv: dict[str, 
 
 @pytest.fixture(scope="module")
 def readable_copy() -> Iterator[str]:
-    """via_tunnel and pyroute2 copied where an unprivileged user can read them (the checkout
-    or the venv may not be readable by others)."""
+    """via_tunnel, pyroute2 and psutil copied where an unprivileged user can read them (the
+    checkout or the venv may not be readable by others)."""
+    import psutil
     import pyroute2
 
-    with readable_package(os.path.dirname(pyroute2.__file__ or "")) as top:
+    with readable_package(*(os.path.dirname(m.__file__ or "") for m in (pyroute2, psutil))
+                          ) as top:
         yield top
 
 

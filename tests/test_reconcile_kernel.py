@@ -92,7 +92,7 @@ def groups(lab: Lab, env: dict[str, str]) -> list[dict[str, object]]:
 
 
 def probe(lab: Lab, kind: str, table: int) -> dict[str, float | None]:
-    argv = [sys.executable, "-I", lab_probe.__file__, kind, str(table)]
+    argv = lab_probe.command(kind, table)
     return json.loads(lab.run(lab.client, argv, timeout=10).stdout)  # type: ignore[no-any-return]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from via_tunnel.core.wire import DEFAULT_SOCKET
-from via_tunnel.daemon.server import SD_LISTEN_FDS_START
+from via_tunnel.daemon.listen import SD_LISTEN_FDS_START
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 

@@ -49,7 +49,7 @@ def _group_info() -> list[dict[str, object]]:
     README and the man page: keys are only ever added)."""
     from via_tunnel.core.settings import Settings
     from via_tunnel.group import state
-    from via_tunnel.kernel import cgroup, nft
+    from via_tunnel.kernel import cgroup, nft, procs
 
     settings = Settings.from_env()
     records = state.load_all(settings)
@@ -62,12 +62,9 @@ def _group_info() -> list[dict[str, object]]:
     for rec in records:
         members = []
         for pid in cgroup.members(rec.cgroup):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            members.append({"pid": pid, "command": cmd})
+            cmd = procs.command_line(pid)
+            if cmd is not None:  # (gone meanwhile)
+                members.append({"pid": pid, "command": cmd})
         key = (rec.mark, rec.iface)
         out.append({
             "interface": rec.iface, "since": rec.created, "mark": f"0x{rec.mark:08x}",

@@ -19,21 +19,18 @@ threads only read and parse, and everything that changes the kernel is serialise
 global lock anyway. Signals are blocked in every thread but the main one, so SIGTERM and
 SIGHUP interrupt the main thread's ``accept`` instead of landing where Python cannot act
 on them.
+
+Beside this module: the caller's identity and its move (peer.py), the listening socket
+(listen.py), the log (log.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import grp
 import json
 import os
-import pwd
-import select
 import signal
 import socket
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,113 +44,15 @@ from via_tunnel.core.settings import Settings
 from via_tunnel.core.settings import config_path as settings_config_path
 from via_tunnel.core.wire import is_ping
 from via_tunnel.core.wire import socket_path as default_socket_path
+from via_tunnel.daemon.listen import own_socket, systemd_socket
+from via_tunnel.daemon.log import log
+from via_tunnel.daemon.peer import Peer, move, peer_of
 from via_tunnel.group import lifecycle, state, watcher
-from via_tunnel.kernel import cgroup
 
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 2.0  # for reading the whole request, and again for writing the answer
 MAX_CONNECTIONS = 128
 MAX_PER_UID = 32  # one user's slow clients cannot take every slot
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in Python 3.11
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
-SD_LISTEN_FDS_START = 3
-
-
-def log(line: str) -> None:
-    """One line on stderr (the journal under systemd). A single write(2), so lines from
-    threads and from signal handlers never interleave and no lock can deadlock."""
-    os.write(2, f"via-tunnel daemon: {line}\n".encode(errors="replace"))
-
-
-class Peer:
-    """The caller, as the kernel describes it."""
-
-    __slots__ = ("gid", "groups", "pid", "pidfd", "uid", "user")
-
-    def __init__(self, pid: int, uid: int, gid: int, pidfd: int, user: str | None,
-                 groups: frozenset[str]) -> None:
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-        self.pidfd = pidfd
-        self.user = user
-        self.groups = groups
-
-    def __str__(self) -> str:
-        return f"uid={self.uid}({self.user or '?'}) pid={self.pid}"
-
-
-def peer_of(conn: socket.socket) -> Peer:
-    """Read the caller's pid/uid/gid and groups from the kernel and pin its process with a
-    pidfd. SO_PEERPIDFD names the process that connected, immune to PID reuse; on older
-    kernels we open one from the PID right away and check the uid again before the move."""
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
-    if pid <= 0:
-        raise ViaTunnelError("cannot identify the calling process (another PID namespace?)")
-    try:
-        user: str | None = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = None
-    groups = _group_names(conn, user, gid)
-    try:
-        pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            raise ViaTunnelError("the calling process is gone") from None
-    return Peer(pid, uid, gid, pidfd, user, groups)
-
-
-def _group_names(conn: socket.socket, user: str | None, gid: int) -> frozenset[str]:
-    """Names of the caller's groups: those its process holds (SO_PEERGROUPS), else those the
-    group database gives the user."""
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-        gids = set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    except OSError:  # ERANGE beyond 256 groups, or an old kernel
-        gids = set(os.getgrouplist(user, gid)) if user else set()
-    gids.add(gid)
-    names = set()
-    for g in gids:
-        with contextlib.suppress(KeyError):
-            names.add(grp.getgrgid(g).gr_name)
-    return frozenset(names)
-
-
-def _exited(pidfd: int) -> bool:
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _real_uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def move(peer: Peer, path: str) -> None:
-    """Move exactly the calling process into the cgroup at ``path``.
-
-    cgroup.procs takes a PID number, so the number must still name the caller when it is
-    written: the pidfd proves the caller was alive before the uid check and after the
-    write, and a live process's PID cannot be reused in between.
-    """
-    if _exited(peer.pidfd):
-        raise ViaTunnelError("the calling process exited")
-    if _real_uid(peer.pid) != peer.uid:
-        raise ViaTunnelError("the calling process changed its identity")
-    cgroup.join(path, peer.pid)
-    if _exited(peer.pidfd):
-        log(f"{peer}: exited while it was being moved into {path}")
-        raise ViaTunnelError("the calling process exited")
 
 
 def read_request(conn: socket.socket, limit: int = MAX_REQUEST,
@@ -204,15 +103,9 @@ class Daemon:
     def ensure_watcher(self, iface: str) -> None:
         """Watch ``iface``'s group from a thread unless someone (a thread of ours, a root
         launcher's watcher process) already does. Caller holds the global lock."""
-        fd = os.open(state.watcher_lock_path(self.settings, iface),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = state.hold_watch_lock(self.settings, iface, wait=False)
+        if fd is None:
             return
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())  # `status` shows the daemon as the watcher
         _start_thread(self._watch, (iface, fd), f"watch-{iface}")
 
     def _watch(self, iface: str, fd: int) -> None:
@@ -336,67 +229,6 @@ def _answer(conn: socket.socket, answer: dict[str, object]) -> None:
     with contextlib.suppress(OSError):
         conn.settimeout(REQUEST_TIMEOUT)
         conn.sendall(json.dumps(answer).encode())
-
-
-# -- the listening socket ----------------------------------------------------------------
-
-
-def systemd_socket() -> socket.socket | None:
-    """The socket systemd passed us (socket activation), or None."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return None
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    if count < 1:
-        return None
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ViaTunnelError("systemd passed a socket that is not a Unix stream socket")
-    os.set_inheritable(sock.fileno(), False)
-    return sock
-
-
-def own_socket(path: str, socket_group: str | None) -> tuple[socket.socket, int]:
-    """Create the listening socket at ``path`` (mode 0666, or 0660 with ``socket_group``).
-
-    Returns the socket and the fd of the flock that keeps a second daemon off the same
-    path. The directory must be root's and writable by nobody else: whoever can write it
-    could swap the socket for their own.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ViaTunnelError(f"{directory} must belong to root and be writable by root only")
-    gid = None
-    if socket_group is not None:
-        try:
-            gid = grp.getgrnam(socket_group).gr_gid
-        except KeyError:
-            raise ViaTunnelError(f"socket_group {socket_group!r} does not exist") from None
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        raise ViaTunnelError(f"another daemon is already serving {path}") from None
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # 0600 until the final mode is set: nobody connects too early
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, 0, gid)
-    os.chmod(path, 0o660 if gid is not None else 0o666)
-    sock.listen(128)
-    return sock, lock_fd
 
 
 class _Stop(Exception):

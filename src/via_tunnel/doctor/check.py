@@ -3,6 +3,7 @@ into one."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 from via_tunnel.core.errors import ViaTunnelError
@@ -10,6 +11,9 @@ from via_tunnel.core.errors import ViaTunnelError
 OK = "ok"
 WARN = "warn"
 FAIL = "fail"
+# What the report says in many places.
+CLEANUP = "via-tunnel cleanup"
+NEEDS_ROOT = "run doctor as root to check this"
 
 
 class Check:
@@ -34,6 +38,10 @@ class Check:
 
 
 CheckFn = Callable[[], Iterable[Check]]
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
 
 
 def guarded(name: str, fn: CheckFn) -> list[Check]:

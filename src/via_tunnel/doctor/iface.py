@@ -69,7 +69,7 @@ def facts_verdicts(facts: LinkFacts) -> list[Check]:
 def checks(name: str) -> list[Check]:
     from via_tunnel.core.errors import ViaTunnelError
     from via_tunnel.core.names import validate_ifname
-    from via_tunnel.doctor import checks as doctor_checks
+    from via_tunnel.doctor import routing
     from via_tunnel.kernel import netlink
 
     try:
@@ -79,14 +79,14 @@ def checks(name: str) -> list[Check]:
         return [Check("iface:up", FAIL, exc.message,
                       "check the name (ip link) or start what creates the interface")]
     out = facts_verdicts(facts)
-    conf = doctor_checks.PROC_IPV4_CONF
-    rp_all = doctor_checks.read_int(f"{conf}/all/rp_filter")
-    rp_if = doctor_checks.read_int(f"{conf}/{name}/rp_filter")
-    svm = doctor_checks.read_int(f"{conf}/all/src_valid_mark")
+    conf = routing.PROC_IPV4_CONF
+    rp_all = routing.read_int(f"{conf}/all/rp_filter")
+    rp_if = routing.read_int(f"{conf}/{name}/rp_filter")
+    svm = routing.read_int(f"{conf}/all/src_valid_mark")
     if rp_all is not None and rp_if is not None and svm is not None:
         from via_tunnel.core.settings import Settings
 
-        out.append(doctor_checks.rp_filter_verdict(
+        out.append(routing.rp_filter_verdict(
             "iface:rp_filter", max(rp_all, rp_if), svm,
-            doctor_checks.active_groups(Settings.from_env()), f"{rp_if} on {name}, all {rp_all}"))
+            routing.active_groups(Settings.from_env()), f"{rp_if} on {name}, all {rp_all}"))
     return out

@@ -39,10 +39,14 @@ from via_tunnel.core.settings import (
     mark_for_slot,
 )
 from via_tunnel.doctor.check import FAIL, OK, WARN, Check
+from via_tunnel.kernel.nlmsg import (
+    FIB_RULE_INVERT,
+    FR_ACT_GOTO,
+    FR_ACT_TO_TBL,
+    FR_ACT_UNREACHABLE,
+)
 
-FIB_RULE_INVERT = 0x2
-FR_ACT_TO_TBL, FR_ACT_GOTO = 1, 2
-FR_ACT_BLACKHOLE, FR_ACT_UNREACHABLE, FR_ACT_PROHIBIT = 6, 7, 8
+FR_ACT_BLACKHOLE, FR_ACT_PROHIBIT = 6, 8
 _ACTION_NAMES = {FR_ACT_GOTO: "goto", 3: "nop", FR_ACT_BLACKHOLE: "blackhole",
                  FR_ACT_UNREACHABLE: "unreachable", FR_ACT_PROHIBIT: "prohibit"}
 # Actions that decide a packet's fate (a nop lets it continue to later rules).

@@ -17,7 +17,7 @@ import _socket
 import json
 
 from via_tunnel.core.errors import EXIT_FAILURE, EXIT_USAGE, ViaTunnelError
-from via_tunnel.core.wire import MAX_ANSWER, socket_path
+from via_tunnel.core.wire import MAX_ANSWER, PING, socket_path
 
 # Creating a group is quick, but the daemon may first wait for the global lock (another
 # group being torn down, which can take a few seconds while sockets are destroyed).
@@ -30,17 +30,44 @@ def request(payload: dict[str, object], path: str | None = None) -> dict[str, ob
     """Send one request and return the daemon's answer when it says ``ok``; otherwise raise
     :class:`ViaTunnelError` with its message and exit code (2 or 125)."""
     path = path or socket_path()
+    try:
+        answer = exchange(json.dumps(payload).encode(), path, ANSWER_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ViaTunnelError(NO_DAEMON) from None
+    except PermissionError:
+        raise ViaTunnelError(f"{NO_DAEMON}; permission denied on {path} "
+                             f"(is this user in the socket's group?)") from None
+    except TimeoutError:
+        raise ViaTunnelError(f"the daemon at {path} did not answer in time") from None
+    except OSError as exc:
+        raise ViaTunnelError(f"talking to the daemon at {path}: {exc.strerror}") from None
+    if not isinstance(answer, dict):
+        raise ViaTunnelError(f"the daemon at {path} gave no valid answer")
+    if answer.get("ok") is not True:
+        code = answer.get("code")
+        raise ViaTunnelError(str(answer.get("error") or "the daemon refused"),
+                             code if code in (EXIT_USAGE, EXIT_FAILURE) else EXIT_FAILURE)
+    return answer
+
+
+def ping(path: str, timeout: float) -> object:
+    """The daemon's answer to the liveness probe (:data:`wire.PING`): a dict with ``ok``
+    true and its ``version``, or ``ok`` false with the ``error`` it gave (busy, or a
+    daemon older than the probe); anything else is not a via-tunnel daemon. Raises what
+    :func:`exchange` raises."""
+    return exchange(PING, path, timeout)
+
+
+def exchange(data: bytes, path: str, timeout: float) -> object:
+    """Send ``data`` as one request to the socket at ``path`` and return the answer, parsed
+    as JSON (None if it is not JSON). Raises the OSError of a failed exchange:
+    FileNotFoundError or ConnectionRefusedError (no daemon listens), PermissionError,
+    TimeoutError (no answer within ``timeout`` seconds), others."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)  # CLOEXEC by default
     try:
-        sock.settimeout(ANSWER_TIMEOUT)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ViaTunnelError(NO_DAEMON) from None
-        except PermissionError:
-            raise ViaTunnelError(f"{NO_DAEMON}; permission denied on {path} "
-                                 f"(is this user in the socket's group?)") from None
-        sock.sendall(json.dumps(payload).encode())
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(data)
         sock.shutdown(_socket.SHUT_WR)
         chunks = []
         size = 0
@@ -50,23 +77,12 @@ def request(payload: dict[str, object], path: str | None = None) -> dict[str, ob
                 break
             chunks.append(chunk)
             size += len(chunk)
-    except TimeoutError:
-        raise ViaTunnelError(f"the daemon at {path} did not answer in time") from None
-    except OSError as exc:
-        raise ViaTunnelError(f"talking to the daemon at {path}: {exc.strerror}") from None
     finally:
         sock.close()
     try:
-        answer = json.loads(b"".join(chunks))
+        return json.loads(b"".join(chunks))
     except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise ViaTunnelError(f"the daemon at {path} gave no valid answer")
-    if answer.get("ok") is not True:
-        code = answer.get("code")
-        raise ViaTunnelError(str(answer.get("error") or "the daemon refused"),
-                             code if code in (EXIT_USAGE, EXIT_FAILURE) else EXIT_FAILURE)
-    return answer
+        return None
 
 
 def join(iface: str, gateway: str | None, ipv6: str, dns: list[str] | tuple[str, ...] = ()

@@ -64,5 +64,4 @@ class EarlyJoin:
             elif self.made_group:
                 cgroup.remove(self.path)
         if self.made_subtree:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.subtree)
+            cgroup.remove_if_empty(self.subtree)

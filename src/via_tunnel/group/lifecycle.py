@@ -9,9 +9,17 @@ Ordering guarantees (no moment without routing for a process already in the grou
 * setup: record (intent log) -> cgroup -> routes -> ip rules -> nft elements -> record
   marked ready. CMD runs in the group only after all of that succeeded (a cold launcher
   may enter the new cgroup earlier, see early_join.py: it sends no traffic of its own).
-* teardown: only when ``cgroup.events`` says unpopulated; kill the group's remaining
-  sockets (flows.kill_sockets: orphaned TCP sockets would otherwise retransmit by the LAN
-  once the rules are gone) -> nft elements -> ip rules and routes -> cgroup -> record.
+* teardown: only when ``cgroup.events`` says unpopulated; the record is marked not ready
+  first (nobody joins from then on); kill the group's remaining sockets
+  (flows.kill_sockets: orphaned TCP sockets would otherwise retransmit by the LAN once the
+  rules are gone) -> nft elements -> ip rules and routes -> cgroup -> record; then what
+  the last group shared (global sysctl, our subtree).
+* rollback: a setup step that fails is followed by a teardown of everything the record
+  names; a teardown that fails half-way leaves the record, not ready, for ``cleanup``.
+
+The kernel is reached only through the adapters of :mod:`via_tunnel.group.adapters` (one
+Protocol per kernel interface; the kernel modules by default), so these guarantees are also
+tested without root, with fakes (tests/test_lifecycle_seam.py).
 """
 
 from __future__ import annotations
@@ -38,9 +46,8 @@ from via_tunnel.core.settings import (
     mark_for_slot,
     table_for_slot,
 )
-from via_tunnel.group import state
+from via_tunnel.group import adapters, state
 from via_tunnel.group.state import GroupRecord
-from via_tunnel.kernel import cgroup, sysctl
 
 GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
 
@@ -91,31 +98,31 @@ def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = 
 def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
             dns: tuple[str, ...]) -> GroupRecord:
     from via_tunnel.core.plan import plan_group
-    from via_tunnel.kernel import netlink, nft, resolvers
 
+    k = adapters.current()
     # Every prerequisite before the first change: a missing binding must not leave rules,
     # routes and a cgroup behind (the interface's facts below need rtnetlink too).
-    nft.preload()
-    mount = cgroup.cgroup2_mount()
+    k.nft.preload()
+    mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
     slot = state.free_slot(state.load_all(settings))
-    facts = netlink.link_facts(iface)
-    plan = plan_group(facts, slot=slot, level=cgroup.level_of(path, mount),
-                      cgroup_nft_path=cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
-                      dns=dns or resolvers.link_resolvers(iface))
+    facts = k.netlink.link_facts(iface)
+    plan = plan_group(facts, slot=slot, level=k.cgroup.level_of(path, mount),
+                      cgroup_nft_path=k.cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
+                      dns=dns or k.resolvers.link_resolvers(iface))
     rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
                       level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
                       created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6, ipv6_asked=ipv6,
                       dns4=plan.dns4, dns6=plan.dns6)
     state.save(settings, rec)
     try:
-        sysctl.ensure()
+        k.sysctl.ensure()
         if plan.sysctls:
-            rec.saved_sysctls = sysctl.apply_saving(plan.sysctls)
+            rec.saved_sysctls = k.sysctl.apply_saving(plan.sysctls)
             state.save(settings, rec)
-        cgroup.make(path)
-        netlink.apply(plan.rules + shared_rules(), plan.routes)
-        _nft_attach(plan)
+        k.cgroup.make(path)
+        k.netlink.apply(plan.rules + shared_rules(), plan.routes)
+        _nft_attach(k.nft, plan)
         rec.ready = True
         state.save(settings, rec)
     except BaseException:
@@ -125,9 +132,7 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     return rec
 
 
-def _nft_attach(plan: GroupPlan) -> None:
-    from via_tunnel.kernel import nft
-
+def _nft_attach(nft: adapters.Nft, plan: GroupPlan) -> None:
     nft.ensure_table(plan.level)
     nft.run_json(group_elements(plan, "add"))
 
@@ -145,44 +150,40 @@ def _plan_of(rec: GroupRecord) -> GroupPlan:
 def teardown(settings: Settings, rec: GroupRecord) -> None:
     """Remove everything ``rec`` names. Idempotent; caller holds the lock and has checked
     that the group is empty (a populated cgroup makes the final rmdir fail loudly)."""
-    from via_tunnel.kernel import flows, netlink, nft
-
+    k = adapters.current()
     plan = _plan_of(rec)
     if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
         rec.ready = False
         state.save(settings, rec)
-    flows.kill_sockets(cgroup.tree_path(rec.cgroup))
+    k.flows.kill_sockets(rec.cgroup)
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
     nft_error: ViaTunnelError | None = None
     try:
-        if nft.table_exists():
+        if k.nft.table_exists():
             if not others:
-                nft.run_json([nft.delete_table_command()])
+                k.nft.run_json([k.nft.delete_table_command()])
             else:
-                _nft_detach(plan)
+                _nft_detach(k.nft, plan)
     except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same
         nft_error = exc
-    netlink.remove(plan.rules, [rec.table])
+    k.netlink.remove(plan.rules, [rec.table])
     if not others:
-        netlink.remove(shared_rules()[::-1], [])
-    sysctl.put_back(rec.saved_sysctls)
-    cgroup.remove(rec.cgroup)
+        k.netlink.remove(shared_rules()[::-1], [])
+    k.sysctl.put_back(rec.saved_sysctls)
+    k.cgroup.remove(rec.cgroup)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state.watcher_lock_path(settings, rec.iface))
     state.delete(settings, rec.iface)
     if not others:
-        sysctl.forget_saved(settings)
-        with contextlib.suppress(OSError):  # our subtree, if nothing else lives in it
-            os.rmdir(os.path.dirname(rec.cgroup))
+        k.sysctl.forget_saved(settings)
+        k.cgroup.remove_if_empty(os.path.dirname(rec.cgroup))  # our subtree
     if nft_error is not None:
         raise nft_error
 
 
-def _nft_detach(plan: GroupPlan) -> None:
+def _nft_detach(nft: adapters.Nft, plan: GroupPlan) -> None:
     """Delete the group's elements: one transaction, or element by element when some are
     already gone (cleanup after a crash) so the rest still goes."""
-    from via_tunnel.kernel import nft
-
     commands = group_elements(plan, "delete")
     try:
         nft.run_json(commands)
@@ -204,38 +205,37 @@ def repair(settings: Settings, iface: str) -> bool:
     keep the group closed.
     """
     from via_tunnel.core.plan import plan_group
-    from via_tunnel.kernel import netlink
 
     rec = state.load(settings, iface)
     if rec is None or not rec.ready:  # a group being torn down is not brought back
         return False
+    k = adapters.current()
     for reattached in reattach_nft(settings):
         _reset_flows(reattached)
     try:
-        facts = netlink.link_facts(iface)
+        facts = k.netlink.link_facts(iface)
         plan = plan_group(facts, slot=rec.slot, level=rec.level,
                           cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
                           ipv6="block" if rec.ipv6 == "block" else "auto",
                           dns=tuple(a for a in (rec.dns4, rec.dns6) if a))
-        netlink.apply(plan.rules + shared_rules(), plan.routes)
+        k.netlink.apply(plan.rules + shared_rules(), plan.routes)
     except ViaTunnelError:
         # Down, gone, changed beyond use, or half back (an IPv6 next hop before its
         # prefix route): stay closed; the next rtnetlink event brings us back here.
         return False
-    sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
+    k.sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
     return True
 
 
 def _reset_flows(rec: GroupRecord) -> None:
     """After our table came back: drop the conntrack entries of the group's flows that
     started without it (they escaped masquerade; see flows.py)."""
-    from via_tunnel.kernel import flows, netlink
-
+    k = adapters.current()
     try:
-        facts = netlink.link_facts(rec.iface)
+        facts = k.netlink.link_facts(rec.iface)
     except ViaTunnelError:
         return  # the interface is gone: its routes are too, and repair comes back later
-    flows.reset_unmasqueraded(cgroup.tree_path(rec.cgroup), rec.mark, MARK_MASK,
+    k.flows.reset_unmasqueraded(rec.cgroup, rec.mark, MARK_MASK,
                               (*facts.ipv4, *facts.ipv6_global))
 
 
@@ -256,8 +256,8 @@ def reattach_nft(settings: Settings) -> list[GroupRecord]:
         missing_from,
         table_damaged,
     )
-    from via_tunnel.kernel import nft
 
+    nft = adapters.current().nft
     records = [r for r in state.load_all(settings) if r.usable()]
     if not records:
         return []
@@ -292,7 +292,7 @@ def teardown_if_empty(settings: Settings, iface: str) -> bool:
     rec = state.load(settings, iface)
     if rec is None:
         return True
-    if cgroup.populated(rec.cgroup):
+    if adapters.current().cgroup.populated(rec.cgroup):
         return False
     teardown(settings, rec)
     return True
@@ -305,43 +305,56 @@ def cleanup(settings: Settings) -> list[str]:
     Returns a line per thing removed. Besides recorded groups, sweeps kernel objects in our
     numeric ranges that no record explains (a crash before the record was written).
     """
-    from via_tunnel.kernel import netlink, nft
-
+    k = adapters.current()
     done: list[str] = []
     records = state.load_all(settings)
     for rec in records:
-        if not cgroup.populated(rec.cgroup):
+        if not k.cgroup.populated(rec.cgroup):
             teardown(settings, rec)
             done.append(f"removed group {rec.iface}")
     live = state.load_all(settings)
     done.extend(state.remove_orphan_tmp(settings))
-    live_slots = {r.slot for r in live}
-    stray_rules: list[RuleSpec] = []
-    stray_tables: list[int] = []
-    for slot in range(1, MAX_SLOT + 1):
-        if slot not in live_slots:
-            stray_tables.append(table_for_slot(slot))
-            stray_rules.extend(group_rules(mark_for_slot(slot), table_for_slot(slot)))
+    rules, tables = stray_kernel_objects({r.slot for r in live})
     if not live:
-        stray_rules.extend(shared_rules()[::-1])
-    rules, tables = netlink.our_rules_and_tables(stray_rules, stray_tables)
+        present, _ = k.netlink.our_rules_and_tables(shared_rules()[::-1], [])
+        rules = [*rules, *present]
     if rules or tables:
-        netlink.remove(rules, tables)
+        k.netlink.remove(rules, tables)
         done.append(f"removed {len(rules)} stray ip rule(s), {len(tables)} stray table(s)")
     if not live:
-        if nft.table_exists():
-            nft.run_json([nft.delete_table_command()])
+        if k.nft.table_exists():
+            k.nft.run_json([k.nft.delete_table_command()])
             done.append("removed nft table inet via_tunnel")
-        sysctl.forget_saved(settings)
-        mount = cgroup.cgroup2_mount()
-        subtree = os.path.join(mount, settings.cgroup_subtree)
-        if os.path.isdir(subtree):
-            for name in os.listdir(subtree):
-                child = os.path.join(subtree, name)
-                if name.startswith(GROUP_PREFIX) and os.path.isdir(child) \
-                        and not cgroup.populated(child):
-                    cgroup.remove(child)
-                    done.append(f"removed cgroup {child}")
-            with contextlib.suppress(OSError):
-                os.rmdir(subtree)
+        k.sysctl.forget_saved(settings)
+        for child in group_cgroups(settings):
+            if not k.cgroup.populated(child):
+                k.cgroup.remove(child)
+                done.append(f"removed cgroup {child}")
+        k.cgroup.remove_if_empty(subtree_path(settings))
     return done
+
+
+def stray_kernel_objects(live_slots: set[int]) -> tuple[list[RuleSpec], list[int]]:
+    """Our ip rules, and our routing tables that hold routes, of every slot no group holds
+    (a run killed before it wrote its record, or after): what :func:`cleanup` removes and
+    doctor reports."""
+    spare = [s for s in range(1, MAX_SLOT + 1) if s not in live_slots]
+    rules = [r for s in spare for r in group_rules(mark_for_slot(s), table_for_slot(s))]
+    tables = [table_for_slot(s) for s in spare]
+    return adapters.current().netlink.our_rules_and_tables(rules, tables)
+
+
+def subtree_path(settings: Settings) -> str:
+    """Our cgroup subtree, the parent of every group's cgroup."""
+    return os.path.join(adapters.current().cgroup.cgroup2_mount(), settings.cgroup_subtree)
+
+
+def group_cgroups(settings: Settings) -> list[str]:
+    """Every group cgroup (``if-IFACE``) in our subtree, recorded or not, sorted."""
+    subtree = subtree_path(settings)
+    try:
+        names = sorted(os.listdir(subtree))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(subtree, n) for n in names
+            if n.startswith(GROUP_PREFIX) and os.path.isdir(os.path.join(subtree, n))]

@@ -141,6 +141,25 @@ def watcher_pid(settings: Settings, iface: str) -> int | None:
         return None
 
 
+def hold_watch_lock(settings: Settings, iface: str, *, wait: bool) -> int | None:
+    """Become the watcher of ``iface``'s group: take its watch lock and write this process's
+    PID into it (what `status` shows). Returns the lock's fd (CLOEXEC; close it to let go),
+    or None when another watcher holds it and ``wait`` is false (else wait for it)."""
+    fd = os.open(watcher_lock_path(settings, iface), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def watcher_alive(settings: Settings, iface: str) -> bool:
     """True while a watcher holds the group's watch lock (immune to PID reuse)."""
     try:

@@ -12,7 +12,6 @@ watcher is gone and starts another; ``via-tunnel cleanup`` recovers if none come
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import signal
@@ -22,7 +21,7 @@ import time
 
 from via_tunnel.core.settings import Settings
 from via_tunnel.group import lifecycle, state
-from via_tunnel.kernel import cgroup
+from via_tunnel.kernel import cgroup, nlmsg
 
 
 def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> None:
@@ -49,11 +48,7 @@ def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> No
 
 def _run(settings: Settings, iface: str, ready_fd: int) -> None:
     try:
-        fd = os.open(state.watcher_lock_path(settings, iface),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())  # for `status` and for tests
+        state.hold_watch_lock(settings, iface, wait=True)  # held until this process ends
         # The launcher may go on: the watch lock is held. If it was killed meanwhile (EPIPE),
         # watch all the same: whatever it set up before dying is ours to remove.
         with contextlib.suppress(OSError):
@@ -180,14 +175,14 @@ def _remove_unrecorded(settings: Settings, iface: str) -> None:
         if os.path.isdir(path) and not cgroup.populated(path):
             cgroup.remove(path)
             if not state.load_all(settings):
-                os.rmdir(os.path.dirname(path))
+                cgroup.remove_if_empty(os.path.dirname(path))
 
 
-# rtnetlink multicast groups, as bind() bits (1 << (RTNLGRP_x - 1)): links, IPv4/IPv6
-# addresses, routes and rules.
-_RTNL_GROUPS = sum(1 << (g - 1) for g in (1, 5, 7, 8, 9, 11, 19))
-_NETLINK_NETFILTER = 12
-_NFNLGRP_NFTABLES = 7
+# rtnetlink multicast groups: links, IPv4/IPv6 addresses, routes and rules.
+_RTNL_GROUPS = nlmsg.group_bits(
+    nlmsg.RTNLGRP_LINK, nlmsg.RTNLGRP_IPV4_IFADDR, nlmsg.RTNLGRP_IPV4_ROUTE,
+    nlmsg.RTNLGRP_IPV4_RULE, nlmsg.RTNLGRP_IPV6_IFADDR, nlmsg.RTNLGRP_IPV6_ROUTE,
+    nlmsg.RTNLGRP_IPV6_RULE)
 
 
 def _event_sockets() -> list[socket.socket]:
@@ -199,7 +194,7 @@ def _event_sockets() -> list[socket.socket]:
     """
     sockets = []
     for proto, groups in ((socket.NETLINK_ROUTE, _RTNL_GROUPS),
-                          (_NETLINK_NETFILTER, 1 << (_NFNLGRP_NFTABLES - 1))):
+                          (nlmsg.NETLINK_NETFILTER, nlmsg.group_bits(nlmsg.NFNLGRP_NFTABLES))):
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
                                  | socket.SOCK_NONBLOCK, proto)

@@ -54,12 +54,6 @@ def level_of(path: str, mount: str) -> int:
     return len(rel.split("/"))
 
 
-def tree_path(path: str) -> str:
-    """``path`` as seen from the cgroup2 mount ("/via-tunnel/if-tun0"), the form ``ss`` and
-    ``/proc/PID/cgroup`` use."""
-    return "/" + os.path.relpath(path, cgroup2_mount())
-
-
 def nft_path(path: str) -> str:
     """The string nft wants for ``socket cgroupv2``: the path relative to /sys/fs/cgroup."""
     rel = os.path.relpath(path, NFT_CGROUP_BASE)
@@ -120,6 +114,18 @@ def populated(path: str) -> bool:
 def events_say_populated(content: bytes) -> bool:
     """Whether the text of a ``cgroup.events`` file says ``populated 1``."""
     return b"populated 1" in content.split(b"\n")
+
+
+def remove_if_empty(path: str) -> bool:
+    """Remove the cgroup directory ``path`` if it holds no group and no process (our
+    subtree once its last group is gone); a missing one is fine. True when it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:  # EBUSY: a group or a process is still in it
+        return False
+    return True
 
 
 def remove(path: str) -> None:

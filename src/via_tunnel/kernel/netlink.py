@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 from via_tunnel.core.errors import KernelError, ViaTunnelError
 from via_tunnel.core.plan import LinkFacts, RouteSpec, RuleSpec
 from via_tunnel.kernel.ifflags import IFF_POINTOPOINT, is_up
+from via_tunnel.kernel.nlmsg import RT_SCOPE_UNIVERSE
 
 if TYPE_CHECKING:
     from via_tunnel.kernel.rtnl import Rtnl
 
 MAIN_TABLE = 254
-RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 RTN_UNREACHABLE = 7

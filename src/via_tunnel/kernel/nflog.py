@@ -16,15 +16,23 @@ import struct
 from typing import NamedTuple
 
 from via_tunnel.core.errors import KernelError
+from via_tunnel.kernel.nlmsg import (
+    HEADER,
+    NETLINK_NETFILTER,
+    NFGEN,
+    NFNETLINK_V0,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    align,
+    attr,
+    attrs,
+    message,
+)
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NFNETLINK_V0 = 0
 
 NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
@@ -38,15 +46,11 @@ NFULA_IFINDEX_OUTDEV = 5
 NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
 
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 COPY_RANGE = 128  # enough for an IPv6 header and a TCP header with options
 
 GROUP_BASE = 0x7674  # "vt": far from the small numbers people use in their own rules
 GROUP_TRIES = 64
 
-_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_NFGEN = struct.Struct("!BBH")  # family, version, res_id (the group, big endian)
-_NLA = struct.Struct("=HH")  # len, type
 
 
 class Logged(NamedTuple):
@@ -69,34 +73,11 @@ class Flow(NamedTuple):
     dport: int | None
 
 
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """The netlink attributes in ``data[offset:]`` as {type: payload} (the last one wins)."""
-    out: dict[int, bytes] = {}
-    while offset + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size or offset + length > len(data):
-            break
-        out[kind & NLA_TYPE_MASK] = data[offset + _NLA.size: offset + length]
-        offset += _align(length)
-    return out
-
-
-def attr(kind: int, payload: bytes) -> bytes:
-    """One netlink attribute, padded."""
-    raw = _NLA.pack(_NLA.size + len(payload), kind) + payload
-    return raw + b"\0" * (_align(len(raw)) - len(raw))
-
-
 def config_message(group: int, body: bytes, seq: int) -> bytes:
     """An NFULNL_MSG_CONFIG request for ``group`` carrying the attributes ``body``."""
-    payload = _NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + body
+    payload = NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + body
     kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-    return _NLMSG.pack(_NLMSG.size + len(payload), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) \
-        + payload
+    return message(kind, NLM_F_REQUEST | NLM_F_ACK, seq, payload)
 
 
 def parse_messages(data: bytes) -> tuple[list[Logged], list[int]]:
@@ -105,16 +86,16 @@ def parse_messages(data: bytes) -> tuple[list[Logged], list[int]]:
     packets: list[Logged] = []
     errors: list[int] = []
     offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size or offset + length > len(data):
+    while offset + HEADER.size <= len(data):
+        length, kind, _flags, _seq, _pid = HEADER.unpack_from(data, offset)
+        if length < HEADER.size or offset + length > len(data):
             break
-        body = data[offset + _NLMSG.size: offset + length]
+        body = data[offset + HEADER.size: offset + length]
         if kind == NLMSG_ERROR and len(body) >= 4:
             errors.append(struct.unpack_from("=i", body)[0])
         elif kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            packets.append(_packet(attrs(body, _NFGEN.size)))
-        offset += _align(length)
+            packets.append(_packet(attrs(body, NFGEN.size)))
+        offset += align(length)
     return packets, errors
 
 

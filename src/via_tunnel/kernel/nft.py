@@ -2,11 +2,17 @@
 
 Each public function is one atomic transaction: libnftables applies a whole command buffer
 or nothing. Errors carry what was sent, so a failure can be reproduced.
+
+The two contexts live as long as the process and hold a netlink socket each, which
+libnftables opens without close-on-exec: :func:`context` marks it so, because a cold
+launch execs CMD from the process that used them (CMD gets nothing it did not have).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from typing import Any
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
@@ -17,17 +23,46 @@ _ctx: Any = None  # JSON in and out: every change, and listings of sets
 _text_ctx: Any = None  # text out: listings of the whole table (see table_text)
 
 
+BINDING_MISSING = ("the libnftables Python binding is missing (Debian: apt install "
+                   "python3-nftables; the venv needs --system-site-packages)")
+
+
+def context() -> Any:
+    """A new libnftables context whose file descriptors are close-on-exec.
+
+    libnftables (1.0.6) opens its netlink socket in ``nft_ctx_new`` without
+    SOCK_CLOEXEC and the binding does not expose it, so every descriptor that appears
+    while the context is made gets FD_CLOEXEC (one opened meanwhile by another thread of
+    ours is close-on-exec already: Python makes them so). Raises ImportError without the
+    binding; whatever else the binding raises (a build of another nftables version)
+    propagates."""
+    import nftables  # type: ignore[import-not-found]
+
+    before = _open_fds()
+    ctx = nftables.Nftables()
+    for fd, target in _open_fds().items():
+        if before.get(fd) != target:  # (a number is reused: the listing's own descriptor)
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+    return ctx
+
+
+def _open_fds() -> dict[int, str]:
+    """This process's descriptors and what each one is (the listing's own is left out)."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return out
+
+
 def _nft() -> Any:
     global _ctx
     if _ctx is None:
         try:
-            import nftables  # type: ignore[import-not-found]
+            ctx = context()
         except ImportError as exc:
-            raise ViaTunnelError(
-                "the libnftables Python binding is missing (Debian: apt install "
-                "python3-nftables; the venv needs --system-site-packages)"
-            ) from exc
-        ctx = nftables.Nftables()
+            raise ViaTunnelError(BINDING_MISSING) from exc
         ctx.set_json_output(True)
         ctx.set_handle_output(True)
         _ctx = ctx
@@ -61,10 +96,16 @@ def _text() -> Any:
     global _text_ctx
     if _text_ctx is None:
         _nft()  # the import and its error message
-        import nftables
-
-        _text_ctx = nftables.Nftables()
+        _text_ctx = context()
     return _text_ctx
+
+
+def text_cmd(text: str) -> tuple[int, str, str]:
+    """libnftables' own answer (return code, output, errors) to nft command text, through
+    the text context, for a caller that judges the answer itself (doctor's probes). The
+    text is the caller's fixed commands, never user input."""
+    rc, out, err = _text().cmd(text)
+    return rc, out, err
 
 
 def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
-import struct
 from collections.abc import Iterator
 from typing import Any
 
+from via_tunnel.kernel.nlmsg import (
+    FIB_RULE_INVERT,
+    FR_ACT_GOTO,
+    FR_ACT_TO_TBL,
+    FR_ACT_UNREACHABLE,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    RT_SCOPE_UNIVERSE,
+    NetlinkError,
+    Socket,
+)
 from via_tunnel.kernel.pyroute2_lazy import register_package
 
 register_package()  # pyroute2's package __init__ would import everything (see there)
@@ -28,17 +40,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # noqa: E402
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: E402
 from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
 
-# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/fib_rules.h>
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10  # the dumped table changed meanwhile: the dump may be inconsistent
-NLM_F_DUMP_FILTERED = 0x20  # the kernel applied the filter we sent
-NLM_F_DUMP = 0x300
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLMSG_ERROR = 0x2
-NLMSG_DONE = 0x3
+# <linux/rtnetlink.h>, <linux/fib_rules.h> (the netlink basics: nlmsg.py)
 RTM_GETLINK = 18
 RTM_GETADDR = 22
 RTM_NEWROUTE = 24
@@ -48,102 +50,45 @@ RTM_NEWRULE = 32
 RTM_DELRULE = 33
 RTM_GETRULE = 34
 RTPROT_STATIC = 4  # "added by an administrator", what pyroute2's IPRoute gave them
-RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255  # in a delete: any scope
 RT_TABLE_UNSPEC = 0
-FR_ACT_TO_TBL = 1
-FR_ACT_GOTO = 2
-FR_ACT_UNREACHABLE = 7
-FIB_RULE_INVERT = 0x2
 RULE_ACTIONS = {"lookup": FR_ACT_TO_TBL, "goto": FR_ACT_GOTO, "unreachable": FR_ACT_UNREACHABLE}
 
 SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port id
-_RECV_SIZE = 1 << 18  # a dump's datagrams are at most 32 KiB
 _DUMP_TRIES = 3
 
 
-class NetlinkError(OSError):
-    """The kernel refused a request; ``code`` is its errno."""
-
-    def __init__(self, code: int, what: str) -> None:
-        super().__init__(code, f"{what}: {os.strerror(code)}")
-        self.code = code
-
-
-class Rtnl:
+class Rtnl(Socket):
     """One rtnetlink socket. A context manager; closing it twice is harmless."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                   socket.NETLINK_ROUTE)
-        self._sock.bind((0, 0))
+        super().__init__(socket.NETLINK_ROUTE)
         # Let the kernel filter dumps by the header and attributes we send (the table of
         # a route dump, the interface of an address dump), so a host with a full routing
         # table does not stream it all through Python. Kernels before 4.20 ignore the
         # option and the filters; the callers filter again.
         with contextlib.suppress(OSError):
-            self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-        self._seq = 0
-        self.interrupted = False  # the last dump was marked inconsistent by the kernel
-        self.filtered = False  # the kernel filtered the last dump (tests check this)
-
-    def __enter__(self) -> Rtnl:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._sock.close()
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
 
     # -- transport --------------------------------------------------------------------
 
     def _send(self, msg: Any, msg_type: int, flags: int) -> int:
-        self._seq += 1
+        seq = self.next_seq()
         msg["header"]["type"] = msg_type
         msg["header"]["flags"] = flags
-        msg["header"]["sequence_number"] = self._seq
+        msg["header"]["sequence_number"] = seq
         msg.encode()
-        self._sock.send(msg.data)
-        return self._seq
+        self.sock.send(msg.data)
+        return seq
 
     def _answers(self, seq: int, cls: Any, what: str) -> Iterator[Any]:
-        """The messages answering request ``seq``, decoded as ``cls``, until its end (an
-        ack, an error, DONE, or the one answer of a non-dump request). Sets
-        ``interrupted`` and ``filtered`` from the answers' flags."""
-        self.interrupted = self.filtered = False
-        while True:
-            data = self._sock.recv(_RECV_SIZE)
-            offset = 0
-            last = False
-            while offset + _HEADER.size <= len(data):
-                length, msg_type, flags, msg_seq, _port = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size or offset + length > len(data):
-                    raise NetlinkError(errno.EPROTO, what)  # malformed: never from a kernel
-                chunk = data[offset:offset + length]
-                offset += (length + 3) & ~3  # NLMSG_ALIGN
-                if msg_seq != seq:
-                    continue  # the late end of an earlier request
-                self.interrupted |= bool(flags & NLM_F_DUMP_INTR)
-                self.filtered |= bool(flags & NLM_F_DUMP_FILTERED)
-                if msg_type in (NLMSG_ERROR, NLMSG_DONE):
-                    # An error or ack; DONE carries the errno of a dump that failed half-way.
-                    error = (struct.unpack_from("=i", chunk, _HEADER.size)[0]
-                             if length >= _HEADER.size + 4 else 0)
-                    if error < 0:
-                        raise NetlinkError(-error, what)
-                    if msg_type == NLMSG_ERROR and length < _HEADER.size + 4:
-                        raise NetlinkError(errno.EPROTO, what)
-                    return
-                msg = cls(chunk)
-                msg.decode()
-                yield msg
-                if not flags & NLM_F_MULTI:  # not part of a dump: the only answer
-                    last = True
-            if last:
-                return
+        """The messages answering request ``seq``, decoded as ``cls`` (see
+        :meth:`Socket.answers`)."""
+        for chunk in self.answers(seq, what):
+            msg = cls(chunk)
+            msg.decode()
+            yield msg
 
     def _dump(self, msg: Any, msg_type: int, what: str) -> list[Any]:
         """Every answer of a dump. One the kernel marks inconsistent (the table changed

@@ -1,9 +1,11 @@
 """Break one part of an active group's kernel state and time how long it takes to return.
 
 Lab tooling for the reconcile tests and ``bench/reconcile.py``; it runs *inside* a lab's
-client namespace as a script (``python -I lab_probe.py KIND TABLE``) and prints one JSON
-object. Standard library plus the nft binding; every change is made the way a neighbour
-would make it:
+client namespace as a script and prints one JSON object. Build its command line with
+:func:`command`: the script runs isolated (``python -I``), so it cannot import the package,
+and gets via-tunnel's constants (rule priority, nft table) as arguments from the caller.
+Standard library plus the nft binding; every change is made the way a neighbour would make
+it:
 
 * ``nft``:    ``flush ruleset`` (in-process through libnftables: the clock starts when the
               flush has committed);
@@ -24,8 +26,14 @@ import subprocess
 import sys
 import time
 
-RULE_PRIORITY = 5100  # settings.RULE_PRIORITY (this script must not import the package)
-NFT_TABLE = "inet via_tunnel"
+USAGE = "usage: probe.py nft|rules|routes TABLE RULE_PRIORITY NFT_FAMILY NFT_TABLE"
+
+
+def command(kind: str, table: int, python: str = sys.executable) -> list[str]:
+    """The argv that runs this probe (in a lab namespace) for group table ``table``."""
+    from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE, RULE_PRIORITY
+
+    return [python, "-I", __file__, kind, str(table), str(RULE_PRIORITY), NFT_FAMILY, NFT_TABLE]
 
 
 def _ip_json(*args: str) -> list[dict[str, object]]:
@@ -33,14 +41,14 @@ def _ip_json(*args: str) -> list[dict[str, object]]:
     return json.loads(out.stdout or "[]") if out.returncode == 0 else []
 
 
-def _our_rules() -> list[tuple[str, dict[str, object]]]:
+def _our_rules(priority: int) -> list[tuple[str, dict[str, object]]]:
     return [(fam, r) for fam in ("-4", "-6") for r in _ip_json(fam, "rule", "show")
-            if r.get("priority") == RULE_PRIORITY]
+            if r.get("priority") == priority]
 
 
-def _nft_whole(nft: object) -> bool:
+def _nft_whole(nft: object, nft_table: str) -> bool:
     """Our table exists with at least one group in it and rules in its chains."""
-    rc, out, _err = nft.cmd(f"list table {NFT_TABLE}")  # type: ignore[attr-defined]
+    rc, out, _err = nft.cmd(f"list table {nft_table}")  # type: ignore[attr-defined]
     if rc != 0:
         return False
     objects = json.loads(out)["nftables"]
@@ -49,31 +57,32 @@ def _nft_whole(nft: object) -> bool:
     return bool(oifs and oifs[0].get("elem") and sockets)
 
 
-def probe(kind: str, table: int, timeout: float) -> dict[str, object]:
+def probe(kind: str, table: int, priority: int, nft_table: str,
+          timeout: float) -> dict[str, object]:
     nft = None
     if kind == "nft":
         import nftables  # type: ignore[import-not-found]
 
         nft = nftables.Nftables()
         nft.set_json_output(True)
-        if not _nft_whole(nft):
+        if not _nft_whole(nft, nft_table):
             raise SystemExit("probe: no group in our nft table to begin with")
         rc, _out, err = nft.cmd("flush ruleset")
         if rc != 0:
             raise SystemExit(f"probe: flush ruleset: {err}")
 
         def restored() -> bool:
-            return _nft_whole(nft)
+            return _nft_whole(nft, nft_table)
     elif kind == "rules":
-        before = _our_rules()
+        before = _our_rules(priority)
         if not before:
             raise SystemExit("probe: no ip rule of ours to begin with")
         for fam, _ in before:
-            subprocess.run(["ip", fam, "rule", "del", "priority", str(RULE_PRIORITY)],
+            subprocess.run(["ip", fam, "rule", "del", "priority", str(priority)],
                            check=True)
 
         def restored() -> bool:
-            return len(_our_rules()) == len(before)
+            return len(_our_rules(priority)) == len(before)
     else:
         wanted = [(fam, r["dst"]) for fam in ("-4", "-6")
                   for r in _ip_json(fam, "route", "show", "table", str(table))]
@@ -102,10 +111,12 @@ def probe(kind: str, table: int, timeout: float) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("nft", "rules", "routes"):
-        print("usage: lab_probe.py nft|rules|routes TABLE", file=sys.stderr)
+    if len(argv) != 5 or argv[0] not in ("nft", "rules", "routes"):
+        print(USAGE, file=sys.stderr)
         return 2
-    print(json.dumps(probe(argv[0], int(argv[1]), timeout=2.0)))
+    kind, table, priority, family, name = argv
+    print(json.dumps(probe(kind, int(table), int(priority), f"{family} {name}",
+                           timeout=2.0)))
     return 0
 
 

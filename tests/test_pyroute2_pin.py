@@ -1,0 +1,45 @@
+"""pyroute2 is used by its internals (kernel/rtnl.py imports its message classes and skips
+its package ``__init__``, pyroute2_lazy.py): the installed version must be in the range
+pyproject.toml pins, and what rtnl.py relies on must still be there and behave."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def test_the_installed_pyroute2_is_in_the_pinned_range() -> None:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("pyroute2"))
+    bounds = dict(re.findall(r"(>=|<)\s*([\d.]+)", spec))
+    assert set(bounds) == {">=", "<"}, f"pyroute2 must be pinned to a tested range: {spec}"
+    installed = _version(metadata.version("pyroute2"))
+    assert _version(bounds[">="]) <= installed < _version(bounds["<"]), (spec, installed)
+
+
+def test_rtnl_imports_the_message_classes_without_pyroute2s_init() -> None:
+    code = (
+        "import sys\n"
+        "from via_tunnel.kernel import rtnl\n"
+        "assert 'pyroute2.iproute' not in sys.modules, 'the package __init__ ran'\n"
+        "m = rtnl._rule_msg(2, 5100, 0x81000000, 0xff000000, 0x76740001, \"lookup\", 0, False)\n"
+        "m['header']['type'] = rtnl.RTM_NEWRULE\n"
+        "m.encode()\n"
+        "d = rtnl.fibmsg(m.data)\n"
+        "d.decode()\n"
+        "print(d.get_attr('FRA_TABLE'), d.get_attr('FRA_PRIORITY'), d['action'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(0x76740001), "5100", "1"]
