@@ -4,6 +4,7 @@ gone after every kind of exit (`nft -j list ruleset`, the namespace's NFLOG list
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -117,19 +118,31 @@ def addresses(lab: Lab, dev: str | None = None) -> set[str]:
             for a in link.get("addr_info", [])}
 
 
-@pytest.fixture
-def holder(lab: Lab, vt_env: dict[str, str]) -> Iterator[subprocess.Popen[Any]]:
-    """An active tun0 group (a sleeping member); afterwards the group and everything of
-    trace is gone again."""
+@contextlib.contextmanager
+def group_running(lab: Lab, env: dict[str, str], iface: str,
+                  *options: str) -> Iterator[list[subprocess.Popen[Any]]]:
+    """An active group of ``iface`` (a sleeping member, launched with ``options``). Yields
+    its members, to which a test adds those it starts; afterwards they are killed and the
+    group and everything of trace is gone again."""
     before = lab.snapshot(lab.client)["nft"]
-    proc = via_popen(lab, vt_env, "tun0", "--", "sleep", "120")
-    wait_for(lambda: "tun0" in via(lab, vt_env, "status").stdout, what="tun0 group")
-    yield proc
-    proc.kill()
-    proc.wait()
+    members = [via_popen(lab, env, *options, iface, "--", "sleep", "120")]
+    try:
+        wait_for(lambda: iface in via(lab, env, "status").stdout, what=f"{iface} group")
+        yield members
+    finally:
+        for proc in members:
+            proc.kill()
+            proc.wait()
     wait_for(lambda: lab.snapshot(lab.client)["nft"] == before, timeout=5,
              what="nft ruleset as before")
-    assert nflog_listeners(lab) == ""
+    assert trace_tables(lab) == [] and nflog_listeners(lab) == ""
+
+
+@pytest.fixture
+def holder(lab: Lab, vt_env: dict[str, str]) -> Iterator[subprocess.Popen[Any]]:
+    """An active tun0 group (see group_running)."""
+    with group_running(lab, vt_env, "tun0") as members:
+        yield members[0]
 
 
 def test_new_connection_names_program_destination_interface_and_source(
@@ -253,10 +266,19 @@ def waiting_fetch(lab: Lab, env: dict[str, str], iface: str, *options: str,
                   before: str = "") -> subprocess.Popen[Any]:
     """A program in the group of ``iface`` that waits for a line on its stdin, then runs
     ``before`` (shell) and becomes curl fetching from the server (the same pid): started
-    while the interface is up, it sends once the test says so."""
-    return via_popen(lab, env, *options, iface, "--", "sh", "-c",
+    while the interface is up, it sends once the test says so. Returned once it is in."""
+    proc = via_popen(lab, env, *options, iface, "--", "sh", "-c",
                      f'read x; {before or ":"}; exec "$@"', "sh", *lab.fetch_argv(timeout=1.5),
                      stdin=subprocess.PIPE)
+
+    def joined() -> bool:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        groups = json.loads(via(lab, env, "status", "--json").stdout)["groups"]
+        return any(m["pid"] == proc.pid and m["command"].startswith("sh ")
+                   for g in groups for m in g["members"])
+
+    wait_for(joined, what=f"the sender in the group of {iface}")
+    return proc
 
 
 def go(proc: subprocess.Popen[Any]) -> None:
@@ -282,11 +304,9 @@ def test_drops_while_the_interface_is_down_are_shown_and_cost_nothing_once_it_is
     """With vlan3 down the kernel removed the group's route: its packets are dropped by the
     re-route of via-tunnel's output route chain, before the kill switch's postrouting
     chain. trace shows them, and hooks nothing into the path while vlan3 is up."""
-    before = lab.snapshot(lab.client)["nft"]
-    sender = waiting_fetch(lab, vt_env, "vlan3")
-    holder = via_popen(lab, vt_env, "vlan3", "--", "sleep", "120")  # the group outlives curl
-    try:
-        wait_for(lambda: "vlan3" in via(lab, vt_env, "status").stdout, what="vlan3 group")
+    with group_running(lab, vt_env, "vlan3") as members:
+        sender = waiting_fetch(lab, vt_env, "vlan3")
+        members.append(sender)
         trace = Trace(lab, vt_env, "vlan3")
         assert not unrouted_chain(lab)
         lab.run(lab.client, ["ip", "link", "set", "vlan3", "down"])
@@ -309,13 +329,6 @@ def test_drops_while_the_interface_is_down_are_shown_and_cost_nothing_once_it_is
         line = trace.expect(rf"  tcp \S+ -> {SERVER}:80  via (\S+) from (\S+)$")
         assert line.groups() == ("vlan3", Lab.CLIENT_VETH)
         assert trace.stop() == 0
-    finally:
-        for proc in (sender, holder):
-            proc.kill()
-            proc.wait()
-    wait_for(lambda: lab.snapshot(lab.client)["nft"] == before, timeout=5,
-             what="nft ruleset as before")
-    assert nflog_listeners(lab) == ""
 
 
 def test_trace_starts_while_the_interface_is_gone_and_shows_the_drops(
@@ -323,12 +336,11 @@ def test_trace_starts_while_the_interface_is_gone_and_shows_the_drops(
     """OpenVPN crashed: tun0 is gone, its group lives on, closed. trace starts all the same,
     shows what the group sends (its DNS to a local stub too: --dns makes that a query
     through tun0), and the group's normal traffic once tun0 is back."""
-    before = lab.snapshot(lab.client)["nft"]
     stub_query = " ".join(lab.dns_argv("127.0.0.53", "gone.test", timeout=1))
-    sender = waiting_fetch(lab, vt_env, "tun0", "--dns", "198.51.100.53", before=stub_query)
-    holder = via_popen(lab, vt_env, "--dns", "198.51.100.53", "tun0", "--", "sleep", "120")
-    try:
-        wait_for(lambda: "tun0" in via(lab, vt_env, "status").stdout, what="tun0 group")
+    with group_running(lab, vt_env, "tun0", "--dns", "198.51.100.53") as members:
+        sender = waiting_fetch(lab, vt_env, "tun0", "--dns", "198.51.100.53",
+                               before=stub_query)
+        members.append(sender)
         lab.kill_client_vpn()
         try:
             trace = Trace(lab, vt_env, "tun0")
@@ -349,13 +361,6 @@ def test_trace_starts_while_the_interface_is_gone_and_shows_the_drops(
         assert r.stdout.strip() == Lab.CLIENT_TUN
         trace.expect(rf"  tcp \S+ -> {SERVER}:80  via tun0 from {re.escape(Lab.CLIENT_TUN)}$")
         assert trace.stop() == 0
-    finally:
-        for proc in (sender, holder):
-            proc.kill()
-            proc.wait()
-    wait_for(lambda: lab.snapshot(lab.client)["nft"] == before, timeout=5,
-             what="nft ruleset as before")
-    assert trace_tables(lab) == [] and nflog_listeners(lab) == ""
 
 
 def test_launch_options_of_trace_reach_the_group_of_cmd(lab: Lab, vt_env: dict[str, str]
