@@ -365,7 +365,8 @@ def test_trace_starts_while_the_interface_is_gone_and_shows_the_drops(
 
 def test_launch_options_of_trace_reach_the_group_of_cmd(lab: Lab, vt_env: dict[str, str]
                                                         ) -> None:
-    """`trace --dns ADDR tun0 -- CMD`: CMD's group sends its DNS to ADDR through tun0."""
+    """`trace --dns ADDR tun0 -- CMD`: CMD's group sends its DNS to ADDR through tun0;
+    `trace --user NAME`: CMD runs as NAME."""
     resolver = "198.51.100.53"
     lab.run(lab.inet, ["ip", "addr", "add", f"{resolver}/32", "dev", "lo"])
     try:
@@ -378,5 +379,7 @@ def test_launch_options_of_trace_reach_the_group_of_cmd(lab: Lab, vt_env: dict[s
     assert log.read_text().splitlines() == [f"udp {Lab.CLIENT_TUN} trace.test"]
     assert any(re.search(rf"  udp \S+ -> {re.escape(resolver)}:53  via tun0 from "
                          rf"{re.escape(Lab.CLIENT_TUN)}$", ln) for ln in r.stdout.splitlines())
+    r = via(lab, vt_env, "trace", "--user", "nobody", "tun0", "--", "id", "-u")
+    assert r.stdout.splitlines()[0] == "65534"  # CMD ran as that user
     r = via(lab, vt_env, "trace", "tun0", "--dns", resolver, "--", "true", check=False)
     assert (r.returncode, r.stderr.splitlines()[0]) == (2, "via-tunnel: --dns goes before IFACE")
