@@ -17,7 +17,7 @@ _via_tunnel_node() {
             vt_opts='--json= --help='
             vt_args='iface' ;;
         'trace') vt_kids=''
-            vt_opts='--help='
+            vt_opts='--gateway=text --dns=text --ipv6=choice:auto,tunnel,block --user=user --debug= --help='
             vt_args='iface command' ;;
         'cleanup') vt_kids=''
             vt_opts='--help='

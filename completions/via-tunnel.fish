@@ -6,7 +6,7 @@ function __via_tunnel_node --no-scope-shadowing
     switch "$argv[1]"
         case ''
             set __vt_children 'version' 'status' 'doctor' 'trace' 'cleanup' 'demo' 'daemon' 'desktop' 'gateway'
-            set __vt_children_help 'version	Print the version' 'status	List the active groups: interface and its state, traffic counters, member PIDs and commands, since when' 'doctor	Check this machine for what via-tunnel needs and what gets in its way; one line per check (OK/WARN/FAIL) with the fix' 'trace	Show the group’s new connections live (pid, command, destination, interface, source address) and the kill switch’s drops, until Ctrl-C or until CMD exits' 'cleanup	Remove whatever a crashed or killed run left behind' 'demo	Build a throwaway lab of network namespaces and show via-tunnel at work' 'daemon	Serve unprivileged launches: a root service on a Unix socket that puts a caller’s own process into an interface’s group when the policy allows its user' 'desktop	Desktop launchers (.desktop entries) that start an app via an interface' 'gateway	The VPS end: masquerade a tunnel out of WAN, forward WAN ports to addresses behind it'
+            set __vt_children_help 'version	Print the version' 'status	List the active groups: interface and its state, traffic counters, member PIDs and commands, since when' 'doctor	Check this machine for what via-tunnel needs and what gets in its way; one line per check (OK/WARN/FAIL) with the fix' 'trace	Show the group’s new connections live (pid, command, destination, interface, source address) and the kill switch’s drops, also while IFACE is down or gone, until Ctrl-C or until CMD exits' 'cleanup	Remove whatever a crashed or killed run left behind' 'demo	Build a throwaway lab of network namespaces and show via-tunnel at work' 'daemon	Serve unprivileged launches: a root service on a Unix socket that puts a caller’s own process into an interface’s group when the policy allows its user' 'desktop	Desktop launchers (.desktop entries) that start an app via an interface' 'gateway	The VPS end: masquerade a tunnel out of WAN, forward WAN ports to addresses behind it'
             set __vt_option_names '--gateway' '--dns' '--ipv6' '--user' '--debug' '--version' '--help'
             set __vt_option_kinds 'text' 'text' 'choice:auto,tunnel,block' 'user' '' '' ''
             set __vt_options '--gateway	Next hop on a broadcast interface (default: the next hop of a main-table route through IFACE)' '--dns	Send every DNS query of the group to ADDR through IFACE (IPv4 and/or IPv6)' '--ipv6	IPv6 of the group: through IFACE when it has IPv6 (auto), required (tunnel) or refused (block)' '--user	Run CMD as this user (root only)' '--debug	Show a traceback with errors' '--version	Print the version' '--help	Show this message and exit'
@@ -35,9 +35,9 @@ function __via_tunnel_node --no-scope-shadowing
         case 'trace'
             set __vt_children 
             set __vt_children_help 
-            set __vt_option_names '--help'
-            set __vt_option_kinds ''
-            set __vt_options '--help	Show this message and exit'
+            set __vt_option_names '--gateway' '--dns' '--ipv6' '--user' '--debug' '--help'
+            set __vt_option_kinds 'text' 'text' 'choice:auto,tunnel,block' 'user' '' ''
+            set __vt_options '--gateway	Next hop on a broadcast interface (default: the next hop of a main-table route through IFACE)' '--dns	Send every DNS query of the group to ADDR through IFACE (IPv4 and/or IPv6)' '--ipv6	IPv6 of the group: through IFACE when it has IPv6 (auto), required (tunnel) or refused (block)' '--user	Run CMD as this user (root only)' '--debug	Show a traceback with errors' '--help	Show this message and exit'
             set __vt_args 'iface' 'command'
         case 'cleanup'
             set __vt_children 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from via_tunnel import __version__
+from via_tunnel.cli import trace_command
 from via_tunnel.core.errors import DEBUG_HINT, EXIT_USAGE, ViaTunnelError
 
 HELP = (
@@ -157,17 +158,9 @@ def doctor(
     raise typer.Exit(doctor_run.run(iface, json_out=json_out))
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
-def trace(
-    iface: Annotated[str, typer.Argument(help="The interface whose group to watch.")],
-    cmd: Annotated[list[str] | None, typer.Argument(
-        help="After --: a command to start in the group while tracing.")] = None,
-) -> None:
-    """Show the group's new connections live (pid, command, destination, interface, source
-    address) and the kill switch's drops, until Ctrl-C or until CMD exits."""
-    from via_tunnel.trace import session as trace_mod
-
-    raise typer.Exit(trace_mod.run(iface, list(cmd or ())))
+# trace [LAUNCH OPTIONS] IFACE [-- CMD]: read by the launch form's parser (see there).
+app.command("trace", cls=trace_command.LaunchFormCommand, help=trace_command.HELP,
+            context_settings=trace_command.CONTEXT)(trace_command.trace)
 
 
 @app.command()

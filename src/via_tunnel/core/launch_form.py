@@ -1,6 +1,7 @@
 """The launch form, ``via-tunnel [OPTIONS] IFACE [--] CMD [ARG...]``: its options and its
-parser (pure). The launcher, ``trace IFACE -- CMD``, the completions and the man page test all
-read :data:`LAUNCH_OPTIONS`, so the form is described once.
+parser (pure). The launcher, ``trace [OPTIONS] IFACE [-- CMD]`` (the same form with CMD
+optional), the completions and the man page test all read :data:`LAUNCH_OPTIONS`, so the
+form is described once.
 
 Standard library only, nothing heavy: on the launch hot path.
 """
@@ -44,15 +45,18 @@ LAUNCH_OPTIONS = (
 _BY_NAME = {o.name: o for o in LAUNCH_OPTIONS}
 
 
-def _usage() -> str:
-    parts = ["usage: via-tunnel"]
+def usage(subcommand: str = "", *, require_cmd: bool = True) -> str:
+    """The usage line of the launch form (``subcommand``: of a subcommand that takes it,
+    e.g. "trace"; ``require_cmd=False``: CMD is optional there)."""
+    parts = ["usage: via-tunnel", *([subcommand] if subcommand else [])]
     for o in LAUNCH_OPTIONS:
         value = "" if o.metavar is None else f" {o.metavar}"
         parts.append(f"[{o.name}{value}]{'...' if o.repeatable else ''}")
-    return " ".join([*parts, "IFACE -- CMD [ARG...]"])
+    tail = "IFACE -- CMD [ARG...]" if require_cmd else "IFACE [-- CMD [ARG...]]"
+    return " ".join([*parts, tail])
 
 
-USAGE = _usage()
+USAGE = usage()
 
 
 class LaunchArgs:
@@ -72,21 +76,27 @@ class LaunchArgs:
         self.debug = debug
 
 
-def parse(args: list[str]) -> LaunchArgs:
+def parse(args: list[str], *, require_cmd: bool = True, usage_line: str = USAGE
+          ) -> LaunchArgs:
     """Parse the launch form (options from :data:`LAUNCH_OPTIONS`). Options come before
-    IFACE; everything after ``--`` (or after IFACE) belongs to CMD untouched."""
+    IFACE; everything after ``--`` (or after IFACE) belongs to CMD untouched.
+
+    With ``require_cmd=False`` CMD may be missing (``argv`` is then empty), and a word right
+    after IFACE that looks like an option is refused rather than taken for CMD: there, an
+    option after IFACE is far likelier than a command whose name starts with "-".
+    Usage errors end with ``usage_line``."""
     values: dict[str, list[str]] = {}
     i = 0
     while i < len(args) and args[i].startswith("-") and args[i] != "--":
         name, eq, val = args[i].partition("=")
         opt = _BY_NAME.get(name)
         if opt is None or (opt.metavar is None and eq):
-            raise UsageError(f"unknown option {args[i]!r}\n{USAGE}")
+            raise UsageError(f"unknown option {args[i]!r}\n{usage_line}")
         if opt.metavar is None:
             val = ""
         elif not eq:
             if i + 1 >= len(args):
-                raise UsageError(f"option {name} needs a value\n{USAGE}")
+                raise UsageError(f"option {name} needs a value\n{usage_line}")
             i += 1
             val = args[i]
         if opt.choices and val not in opt.choices:
@@ -97,13 +107,17 @@ def parse(args: list[str]) -> LaunchArgs:
             values[name] = [val]  # the last one wins
         i += 1
     if i >= len(args) or args[i] == "--":
-        raise UsageError(f"missing interface\n{USAGE}")
+        raise UsageError(f"missing interface\n{usage_line}")
     iface = validate_ifname(args[i])
     rest = args[i + 1:]
     if rest and rest[0] == "--":
         rest = rest[1:]
-    if not rest:
-        raise UsageError(f"missing command to run\n{USAGE}")
+    elif rest and rest[0].startswith("-") and not require_cmd:
+        name = rest[0].partition("=")[0]
+        raise UsageError(f"{name} goes before IFACE\n{usage_line}" if name in _BY_NAME
+                         else f"unknown option {rest[0]!r}\n{usage_line}")
+    if not rest and require_cmd:
+        raise UsageError(f"missing command to run\n{usage_line}")
 
     def one(name: str) -> str | None:
         return values[name][-1] if name in values else None
@@ -111,3 +125,23 @@ def parse(args: list[str]) -> LaunchArgs:
     return LaunchArgs(iface=iface, argv=rest, gateway=one("--gateway"),
                       ipv6=one("--ipv6") or "auto", debug="--debug" in values,
                       dns=tuple(values.get("--dns", ())), user=one("--user"))
+
+
+def options_argv(args: LaunchArgs) -> list[str]:
+    """The options of ``args`` as a command line that :func:`parse` reads back the same
+    (what a front end that has the launcher start CMD, such as trace, passes on). Each
+    option's value is the attribute of :class:`LaunchArgs` named after it; an option left
+    at its default is not written."""
+    out: list[str] = []
+    default = LaunchArgs(iface="", argv=[])
+    for o in LAUNCH_OPTIONS:
+        value = getattr(args, o.name[2:])
+        if value == getattr(default, o.name[2:]):
+            continue
+        if o.metavar is None:
+            out.append(o.name)
+        elif o.repeatable:
+            out += [part for v in value for part in (o.name, v)]
+        else:
+            out += [o.name, value]
+    return out

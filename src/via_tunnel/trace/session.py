@@ -1,19 +1,22 @@
-"""``via-tunnel trace IFACE [-- CMD...]``: watch a group's traffic live.
+"""``via-tunnel trace [LAUNCH OPTIONS] IFACE [-- CMD...]``: watch a group's traffic live.
 
 One line per new connection of the group (who, where to, which interface it left by, the
-source address the far end sees) and per packet the kill switch drops, until Ctrl-C, or,
-with CMD, until CMD exits (then with CMD's exit status).
+source address the far end sees) and per packet the kill switch drops, also while the
+interface is down or gone (then the group's table routes nothing), until Ctrl-C, or, with
+CMD, until CMD exits (then with CMD's exit status).
 
-How: a temporary table of our own (trace_rules.py) logs those packets to an NFLOG group
-that this process reads (trace_nflog.py); the sender is looked up in /proc
-(trace_who.py). The table is created with ``flags owner``, so the kernel removes it when
-this process dies, even by SIGKILL; on every other exit we delete it ourselves, and a
-leftover one is swept at the next start. Only one trace runs per network namespace: the
-table of a live trace belongs to it, and nobody else can change it.
+How: a temporary table of our own (rules.py) logs those packets to an NFLOG group that
+this process reads (kernel/nflog.py); the sender is looked up in /proc (who.py); the drops
+of a group whose table has no route are logged only while that lasts (unrouted.py). The
+table is created with ``flags owner``, so the kernel removes it when this process dies,
+even by SIGKILL; on every other exit we delete it ourselves, and a leftover one is swept
+at the next start. Only one trace runs per network namespace: the table of a live trace
+belongs to it, and nobody else can change it.
 
-With CMD, the normal launcher starts it as our child, with our environment. It does not
-exec CMD directly but a gate that waits until we trace the group (whose mark is known
-only once the launcher has created or joined it): CMD's first packet is already seen.
+With CMD, the normal launcher starts it as our child, with our environment and the launch
+options given to trace. It does not exec CMD directly but a gate that waits until we trace
+the group (whose mark is known only once the launcher has created or joined it): CMD's
+first packet is already seen.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import sys
 import time
 from types import FrameType
 
-from via_tunnel.core.errors import KernelError, ViaTunnelError
-from via_tunnel.core.names import validate_ifname
+from via_tunnel.core.errors import KernelError, UsageError, ViaTunnelError
+from via_tunnel.core.launch_form import LAUNCH_OPTIONS, LaunchArgs, options_argv, usage
 from via_tunnel.core.settings import NFT_FAMILY, Settings
 from via_tunnel.group import state
 from via_tunnel.group.state import GroupRecord
@@ -37,11 +40,14 @@ from via_tunnel.kernel.nflog import Flow, Logged, NflogSocket, flow_of
 from via_tunnel.trace.rules import (
     PREFIX_DROP,
     PREFIX_NEW,
+    PREFIX_UNROUTED,
+    PREFIX_UNROUTED_DNS,
     TABLE,
     delete_table_command,
     group_elements,
     table_commands,
 )
+from via_tunnel.trace.unrouted import Unrouted
 from via_tunnel.trace.who import Who, who_sent
 
 POLL_SECONDS = 0.1  # how often the group's record is re-read (a group can end and restart)
@@ -66,18 +72,23 @@ except OSError as exc:
 """
 
 
-def run(iface: str, cmd: list[str]) -> int:
-    """Trace ``iface``'s group until stopped (exit 0) or, with ``cmd``, until CMD exits
-    (CMD's status; 128+N when a signal N ended it)."""
-    iface = validate_ifname(iface)
+def run(args: LaunchArgs) -> int:
+    """Trace the group of ``args.iface`` until stopped (exit 0) or, with a command
+    (``args.argv``), until it exits (its status; 128+N when a signal N ended it). The launch
+    options of ``args`` apply to the launch of that command."""
+    iface, cmd = args.iface, args.argv
+    options = options_argv(args)
+    given = [o.name for o in LAUNCH_OPTIONS if o.name in options and o.metavar is not None]
+    if given and not cmd:
+        raise UsageError(f"{given[0]} applies to the launch of CMD: give -- CMD\n"
+                         f"{usage('trace', require_cmd=False)}")
     if os.geteuid() != 0:
         raise ViaTunnelError("trace needs root (it adds an nft table and reads NFLOG)")
-    try:
-        socket.if_nametoindex(iface)
-    except OSError:
-        raise ViaTunnelError(f"no such interface {iface}") from None
     settings = Settings.from_env()
-    if not cmd and _active(state.load(settings, iface)) is None:
+    active = _active(state.load(settings, iface))
+    if active is None and not _exists(iface):
+        raise ViaTunnelError(f"no such interface {iface}")
+    if not cmd and active is None:
         raise ViaTunnelError(f"no active group for {iface}; start one with "
                              f"`via-tunnel {iface} -- CMD` or give -- CMD")
     path = None
@@ -90,9 +101,17 @@ def run(iface: str, cmd: list[str]) -> int:
         tracer.start()
         if path is None:
             return tracer.follow(None)
-        return tracer.follow(tracer.launch(path, cmd))
+        return tracer.follow(tracer.launch(path, cmd, options))
     finally:
         tracer.stop()
+
+
+def _exists(iface: str) -> bool:
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        return False
+    return True
 
 
 def _active(rec: GroupRecord | None) -> GroupRecord | None:
@@ -106,6 +125,7 @@ class Tracer:
         self.settings = settings
         self.iface = iface
         self.nflog: NflogSocket | None = None
+        self.unrouted: Unrouted | None = None
         self.table = False
         self.traced: GroupRecord | None = None  # the group whose mark is in our sets
         self.stopping = False
@@ -131,6 +151,7 @@ class Tracer:
         # (NOTES.md). Owned by this process's netlink socket, it dies with us.
         nft.run_text(f"add table {NFT_FAMILY} {TABLE} {{ flags owner; }}")
         nft.run_json(table_commands(self.nflog.group))
+        self.unrouted = Unrouted(self.iface)
         self._sync()
         print(f"via-tunnel: tracing {self.iface} (Ctrl-C to stop)", file=sys.stderr,
               flush=True)
@@ -146,6 +167,9 @@ class Tracer:
         if self.nflog is not None:
             self.nflog.close()
             self.nflog = None
+        if self.unrouted is not None:
+            self.unrouted.close()
+            self.unrouted = None
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._old_handlers.clear()
@@ -160,19 +184,23 @@ class Tracer:
     def _sync(self) -> None:
         """Put the group's current mark in our sets (it changes when the group ends and a
         new one starts); an ended group's mark is removed at once, as another group may
-        get it next."""
+        get it next. The same for its cgroup, watched while its table has no route."""
         from via_tunnel.kernel import nft
 
         rec = state.load(self.settings, self.iface)
         old = self.traced
+        assert self.unrouted is not None
         if rec is not None and old is not None and (rec.mark, rec.created) == (
                 old.mark, old.created):
+            if self.unrouted.rec is None and rec.usable():  # it became ready meanwhile
+                self.unrouted.follow(rec)
             return
         if old is not None:
             with contextlib.suppress(KernelError):
                 nft.run_json(group_elements(old.mark, old.iface, "delete"))
             self.traced = None
             print(f"via-tunnel: the group of {self.iface} ended", file=sys.stderr, flush=True)
+        self.unrouted.follow(rec)
         if rec is not None:
             nft.run_json(group_elements(rec.mark, rec.iface, "add"))
             self.traced = rec
@@ -182,13 +210,15 @@ class Tracer:
 
     # -- CMD -----------------------------------------------------------------------------
 
-    def launch(self, path: str, cmd: list[str]) -> subprocess.Popen[bytes] | int:
-        """Start CMD in the group through the launcher; the Popen once CMD is about to run,
-        or the launcher's exit status when it failed (it has said why on stderr)."""
+    def launch(self, path: str, cmd: list[str], options: list[str]
+               ) -> subprocess.Popen[bytes] | int:
+        """Start CMD in the group through the launcher, with the launch ``options``; the
+        Popen once CMD is about to run, or the launcher's exit status when it failed (it
+        has said why on stderr)."""
         if self.stopping:  # Ctrl-C before CMD started: do not start it
             return 130
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-m", "via_tunnel", self.iface, "--",
+        argv = [sys.executable, "-m", "via_tunnel", *options, self.iface, "--",
                 sys.executable, "-I", "-c", _GATE, str(theirs.fileno()), path, *cmd]
         try:
             self.child = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
@@ -216,14 +246,19 @@ class Tracer:
         """Print events until stopped or until ``child`` exits; the exit status."""
         if isinstance(child, int):
             return child
-        assert self.nflog is not None
+        assert self.nflog is not None and self.unrouted is not None
+        watch = [self.nflog] + ([self.unrouted] if self.unrouted.fileno() >= 0 else [])
         while not self.stopping:
             if child is not None and child.poll() is not None:
                 self._drain()
                 return _status(child)
-            ready, _, _ = select.select([self.nflog], [], [], POLL_SECONDS)
-            if ready:
+            ready, _, _ = select.select(watch, [], [], POLL_SECONDS)
+            if self.nflog in ready:
                 self._read()
+            if self.unrouted in ready:
+                self.unrouted.drain()
+            elif len(watch) == 1:  # no link and route notifications: look every time
+                self.unrouted.update()
             self._sync()
         return 0
 
@@ -250,17 +285,33 @@ class Tracer:
 
     def _describe(self, logged: Logged) -> str | None:
         flow = flow_of(logged.payload)
-        if flow is None or logged.prefix not in (PREFIX_NEW, PREFIX_DROP):
-            return None
         rec = self.traced
+        if flow is None:
+            return None
+        if logged.prefix == PREFIX_NEW:
+            note = {"via": _ifname(logged.outdev)}
+        elif logged.prefix == PREFIX_DROP:
+            note = {"dropped": f"would leave by {_ifname(logged.outdev)}"}
+        elif logged.prefix in (PREFIX_UNROUTED, PREFIX_UNROUTED_DNS):
+            # DNS to this host is dropped only when --dns sends it to the group's resolver
+            # of that family (else it is refused, not shown: rules.py).
+            if logged.prefix == PREFIX_UNROUTED_DNS and (rec is None or (
+                    rec.dns6 if ":" in flow.dst else rec.dns4) is None):
+                return None
+            assert self.unrouted is not None
+            note = {"dropped": self.unrouted.reason or "no route"}
+        else:
+            return None
         who = who_sent(flow, rec.cgroup) if rec is not None else None
-        return format_line(time.time(), logged.prefix == PREFIX_DROP, flow, who,
-                           _ifname(logged.outdev))
+        return format_line(time.time(), flow, who, **note)
 
 
-def format_line(when: float, dropped: bool, flow: Flow, who: Who | None, oif: str) -> str:
-    """One line of output. For a new connection ``flow`` is the packet after masquerade:
-    its source is what the far end sees; the program's own address is the socket's."""
+def format_line(when: float, flow: Flow, who: Who | None, *, via: str = "",
+                dropped: str = "") -> str:
+    """One line of output: a new connection that left ``via`` an interface, or a packet
+    ``dropped`` (the reason). For a new connection ``flow`` is the packet after
+    masquerade: its source is what the far end sees; the program's own address is the
+    socket's."""
     stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
     pid = f"pid {who.pid} {who.comm}" if who is not None else "pid ?"
     if who is not None and who.local not in ("0.0.0.0", "::"):
@@ -269,8 +320,8 @@ def format_line(when: float, dropped: bool, flow: Flow, who: Who | None, oif: st
         src = _endpoint(flow.src, flow.sport)
     where = f"{flow.proto} {src} -> {_endpoint(flow.dst, flow.dport)}"
     if dropped:
-        return f"{stamp}  DROPPED by kill switch  {pid}  {where}  (would leave by {oif})"
-    return f"{stamp}  {pid}  {where}  via {oif} from {flow.src}"
+        return f"{stamp}  DROPPED by kill switch  {pid}  {where}  ({dropped})"
+    return f"{stamp}  {pid}  {where}  via {via} from {flow.src}"
 
 
 def _endpoint(addr: str, port: int | None) -> str:
