@@ -138,7 +138,12 @@ with Rtnl() as rt:
     filtered = [rt.filtered]
     eth0 = sorted(a.get_attr("IFA_ADDRESS") for a in rt.addresses(rt.link("eth0")["index"]))
     filtered.append(rt.filtered)
+    rt.filtered = False
+    by_vlan3 = sorted(str(r.get_attr("RTA_DST") or "default")
+                      for r in rt.routes(AF_INET, 254, rt.link("vlan3")["index"]))
+    filtered.append(rt.filtered)
     print(json.dumps({
+        "by_vlan3": by_vlan3,
         "main4": main4, "eth0": eth0, "filtered": filtered,
         "main6": len(rt.routes(AF_INET6, 254)),
         "absent": [len(rt.routes(f, 12345)) for f in (AF_INET, AF_INET6)],
@@ -156,7 +161,10 @@ def test_dumps_filtered_by_table_and_interface_match_iproute2(lab: Lab) -> None:
     assert got["main4"] == sorted(r["dst"].split("/")[0] for r in main4)
     assert got["main6"] == len(ip(lab, "-6", "route", "show", "table", "main"))
     assert got["absent"] == [0, 0]  # a table that does not exist holds no routes
-    assert got["filtered"] == [True, True]  # the kernel did the filtering (strict checks)
+    assert got["filtered"] == [True, True, True]  # the kernel filtered (strict checks)
+    assert got["by_vlan3"] == sorted(r["dst"].split("/")[0] for r in main4
+                                     if r.get("dev") == "vlan3")
+    assert got["by_vlan3"]  # the lab's main table has routes through vlan3
     assert got["nofamily"] == 0
     assert got["all4"] == len(ip(lab, "-4", "route", "show", "table", "all"))
     addrs = ip(lab, "addr", "show", "eth0")[0]["addr_info"]

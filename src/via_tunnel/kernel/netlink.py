@@ -127,8 +127,8 @@ def _main_routes(rt: Rtnl, family: int, index: int) -> tuple[str | None, list[st
     a family the kernel lacks)."""
     best: tuple[int, str] | None = None
     connected: list[str] = []
-    for r in _routes(rt, family, MAIN_TABLE):
-        if r.get_attr("RTA_OIF") != index or r["type"] != RTN_UNICAST:
+    for r in _routes(rt, family, MAIN_TABLE, oif=index):  # the kernel filters: not the
+        if r.get_attr("RTA_OIF") != index or r["type"] != RTN_UNICAST:  # whole main table
             continue
         gw = r.get_attr("RTA_GATEWAY")
         plen = int(r["dst_len"])
@@ -143,14 +143,15 @@ def _main_routes(rt: Rtnl, family: int, index: int) -> tuple[str | None, list[st
     return (best[1] if best else None), connected
 
 
-def _routes(rt: Rtnl, family: int, table: int | None) -> list[Any]:
-    """The routes of ``family`` (in ``table``); none of a family this kernel lacks."""
+def _routes(rt: Rtnl, family: int, table: int | None, oif: int | None = None) -> list[Any]:
+    """The routes of ``family`` (in ``table``, through ``oif``); none of a family this
+    kernel lacks."""
     from via_tunnel.kernel.rtnl import NetlinkError
 
     if family not in families():
         return []
     try:
-        return rt.routes(family, table)
+        return rt.routes(family, table, oif)
     except NetlinkError as exc:
         raise KernelError(f"cannot {exc.strerror}") from exc
 

@@ -126,15 +126,22 @@ class Rtnl(Socket):
         return [a for a in self._dump(msg, RTM_GETADDR, "list addresses")
                 if a["index"] == index]
 
-    def routes(self, family: int, table: int | None = None) -> list[Any]:
-        """The routes of ``family``, of ``table`` only when given (None: every table).
-        A family the kernel lacks (IPv6 with ``ipv6.disable=1``) has none: the kernel
-        answers such a dump with the routes of every family, so they are filtered here."""
+    def routes(self, family: int, table: int | None = None,
+               oif: int | None = None) -> list[Any]:
+        """The routes of ``family``, of ``table`` only when given (None: every table) and
+        through interface ``oif`` only when given, both filtered by the kernel (strict
+        checking). A family the kernel lacks (IPv6 with ``ipv6.disable=1``) has none: the
+        kernel answers such a dump with the routes of every family, so they are filtered
+        here too."""
         msg = rtmsg()
         msg["family"] = family
+        attrs: list[tuple[str, Any]] = []
         if table is not None:
             msg["table"] = table if table < 256 else RT_TABLE_UNSPEC
-            msg["attrs"] = [("RTA_TABLE", table)]
+            attrs.append(("RTA_TABLE", table))
+        if oif is not None:
+            attrs.append(("RTA_OIF", oif))
+        msg["attrs"] = attrs
         try:
             out = self._dump(msg, RTM_GETROUTE, "list routes")
         except NetlinkError as exc:
@@ -142,7 +149,8 @@ class Rtnl(Socket):
                 return []
             raise
         return [r for r in out if r["family"] == family
-                and (table is None or route_table(r) == table)]
+                and (table is None or route_table(r) == table)
+                and (oif is None or r.get_attr("RTA_OIF") == oif)]
 
     def rules(self, family: int) -> list[Any]:
         msg = fibmsg()
