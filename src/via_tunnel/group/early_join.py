@@ -1,6 +1,6 @@
 """Cold launch: enter the new group's cgroup while the rest of the setup runs.
 
-Moving a process between cgroups waits for an RCU grace period in the kernel (~10 ms here);
+Moving a process between cgroups waits for an RCU grace period in the kernel (~10 ms);
 a cold launch would otherwise pay it after setup, on top of the netlink import. A thread
 does the move at the start instead (it sleeps in the kernel, without the GIL), so the two
 overlap. This is safe because the launcher sends no IP traffic of its own: CMD is exec'd

@@ -112,7 +112,7 @@ def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:
     """A table as nft prints it (text), or None when it does not exist. ``family`` and
     ``name`` are our fixed names, never user input (they are spliced into the command).
 
-    Text, not JSON, for two bugs of libnftables 1.0.6's JSON printer (seen here): it
+    Text, not JSON, for two bugs of libnftables 1.0.6's JSON printer: it
     cannot print the ``update @map { key : data }`` statement of our ruleset and writes a
     warning straight to our stderr (the user's terminal); and it prints the flags of a
     table with ``flags owner`` (trace's) as garbage or as nothing, which is not JSON."""

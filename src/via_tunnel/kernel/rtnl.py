@@ -163,7 +163,7 @@ class Rtnl(Socket):
                   kind: int, oif: int | None = None, gateway: str | None = None,
                   metric: int | None = None, what: str) -> None:
         """Add one route (``dst`` None: the default route), scope universe (also those
-        with no next hop: the kernel accepts that, and the tests proved it). EEXIST if
+        with no next hop: the kernel accepts that). EEXIST if
         it is there."""
         msg = _route_msg(family, table, dst, dst_len, kind, oif, gateway, metric,
                          proto=RTPROT_STATIC, scope=RT_SCOPE_UNIVERSE)
