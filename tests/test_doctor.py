@@ -10,7 +10,14 @@ import pytest
 
 from via_tunnel.core.errors import ViaTunnelError
 from via_tunnel.core.plan import LinkFacts
-from via_tunnel.core.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
+from via_tunnel.core.settings import (
+    MARK_MASK,
+    MAX_SLOT,
+    RULE_PRIORITY,
+    bucket_priority,
+    mark_for_slot,
+    table_for_slot,
+)
 from via_tunnel.doctor import run as doctor
 from via_tunnel.doctor.check import FAIL, OK, WARN, Check
 from via_tunnel.doctor.checks import cgroup2_verdict
@@ -35,7 +42,7 @@ KERNEL = [LOCAL, MAIN, DEFAULT]
 
 
 def ours(slot: int, family: int = AF_INET) -> IpRule:
-    return IpRule(family=family, priority=RULE_PRIORITY, fwmark=mark_for_slot(slot),
+    return IpRule(family=family, priority=bucket_priority(slot), fwmark=mark_for_slot(slot),
                   fwmask=MARK_MASK, table=table_for_slot(slot))
 
 
@@ -47,7 +54,7 @@ def statuses(checks: list[Check]) -> dict[str, str]:
 
 
 def test_our_rules_are_recognised_and_not_findings() -> None:
-    for slot in (1, 5, 127):
+    for slot in (1, 5, 127, 128, 4095):
         for fam in (AF_INET, AF_INET6):
             assert our_slot(ours(slot, fam)) == slot
             assert finding(ours(slot, fam)) is None
@@ -117,7 +124,7 @@ def test_catch_all_rule_before_our_entry_warns_and_specific_ones_do_not() -> Non
 
 def test_matched_marks_honours_invert() -> None:
     wg = IpRule(priority=32764, fwmark=0xCA6C, table=0xCA6C, invert=True)
-    assert len(matched_marks(wg)) == 127
+    assert len(matched_marks(wg)) == MAX_SLOT
     assert matched_marks(IpRule(fwmark=0xCA6C)) == []
     assert matched_marks(IpRule(fwmark=mark_for_slot(3), fwmask=MARK_MASK)) == [mark_for_slot(3)]
 

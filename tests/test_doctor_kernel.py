@@ -22,6 +22,7 @@ from daemon_lab import readable_package
 from helpers import via, via_popen, wait_for
 
 from via_tunnel import __version__
+from via_tunnel.core.settings import MARK_MASK, bucket_priority
 from via_tunnel.lab.footprint import cgroup2_mount
 from via_tunnel.lab.netlab import Lab
 
@@ -318,8 +319,8 @@ def test_stray_objects_in_our_ranges(lab: Lab, denv: dict[str, str]) -> None:
     """A rule and a table route of ours with no record, our nft table with no group, a
     cgroup with no record: each a WARN whose fix is cleanup, which then finds them all."""
     table = str(OUR_TABLE_5)
-    ip(lab, "rule", "add", "priority", "5100", "fwmark", f"0x{OUR_MARK_5:x}/0xff000000",
-       "lookup", table)
+    ip(lab, "rule", "add", "priority", str(bucket_priority(5)), "fwmark",
+       f"0x{OUR_MARK_5:x}/0x{MARK_MASK:x}", "lookup", table)
     ip(lab, "route", "add", "unreachable", "default", "table", table)
     lab.run(lab.client, ["nft", "add", "table", "inet", "via_tunnel"])
     mount = cgroup2_mount()
@@ -341,8 +342,8 @@ def test_stray_objects_in_our_ranges(lab: Lab, denv: dict[str, str]) -> None:
         rc, checks = doctor(lab, denv)
         assert one(checks, "leftovers")["status"] == "ok"
     finally:
-        lab.run(lab.client, ["ip", "rule", "del", "priority", "5100", "lookup", table],
-                check=False)
+        lab.run(lab.client, ["ip", "rule", "del", "priority", str(bucket_priority(5)),
+                             "lookup", table], check=False)
         lab.run(lab.client, ["ip", "route", "flush", "table", table], check=False)
         lab.run(lab.client, ["nft", "delete", "table", "inet", "via_tunnel"], check=False)
         if os.path.isdir(ghost):

@@ -11,8 +11,15 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 
-from via_tunnel.core.plan import RuleSpec, group_rules
-from via_tunnel.core.settings import MAX_SLOT, mark_for_slot, table_for_slot
+from via_tunnel.core.plan import RuleSpec, group_rules, shared_rules
+from via_tunnel.core.settings import (
+    CATCH_PRIORITY,
+    MAX_SLOT,
+    SKIP_PRIORITY,
+    mark_for_slot,
+    slot_of_mark,
+    table_for_slot,
+)
 
 # Neighbours' marks as (value, mask): a packet p "matches" when p & mask == value.
 TAILSCALE_MARK_BITS = 0x00FF0000  # Tailscale's fwmark rules test bits in this mask
@@ -33,14 +40,16 @@ SLOTS = range(1, MAX_SLOT + 1)
 
 
 def all_rules() -> list[RuleSpec]:
-    return [rule for slot in SLOTS
-            for rule in group_rules(mark_for_slot(slot), table_for_slot(slot))]
+    """Every rule that matches our marks (the skip rule, inverted, matches the others)."""
+    return [*(rule for slot in SLOTS for rule in group_rules(slot)),
+            *(rule for rule in shared_rules() if not rule.invert)]
 
 
 def test_every_slot_has_one_v4_and_one_v6_rule() -> None:
     for slot in SLOTS:
-        rules = group_rules(mark_for_slot(slot), table_for_slot(slot))
+        rules = group_rules(slot)
         assert sorted(r.family for r in rules) == sorted([AF_INET, AF_INET6])
+        assert {slot_of_mark(r.fwmark) for r in rules} == {slot}
 
 
 @pytest.mark.parametrize(("value", "mask"), NEIGHBOUR_MARKS)
@@ -74,19 +83,17 @@ def test_marks_and_tables_are_distinct_per_slot() -> None:
 
 
 def test_tables_collide_with_no_neighbour() -> None:
-    tables = {rule.table for rule in all_rules()}
+    tables = {rule.table for rule in all_rules() if rule.action == "lookup"}
     assert tables == {table_for_slot(s) for s in SLOTS}
     assert not tables & NEIGHBOUR_TABLES
     assert all(t < 2**32 for t in tables)
 
 
-def test_rule_priority_is_unique_and_ahead_of_every_neighbour() -> None:
-    priorities = {rule.priority for rule in all_rules()}
-    assert len(priorities) == 1
-    (ours,) = priorities
-    assert ours not in TAILSCALE_PRIORITIES
-    assert ours not in KERNEL_PRIORITIES | WG_QUICK_PRIORITIES
-    # Ahead of Tailscale's and wg-quick's rules and of main: a group's marked packets take
-    # our table whatever a system-wide VPN does (the kernel test shows it with wg-quick).
-    assert 0 < ours < min(TAILSCALE_PRIORITIES)
-    assert ours < min(WG_QUICK_PRIORITIES)
+def test_rule_priorities_enter_at_0_and_keep_to_a_band_before_every_neighbour() -> None:
+    priorities = {rule.priority for rule in [*all_rules(), *shared_rules()]}
+    # The entry rule shares priority 0 with `local` (added after it, so tried after it);
+    # everything else keeps to one band, ahead of Tailscale's and wg-quick's rules and main.
+    band = priorities - {0}
+    assert band == set(range(SKIP_PRIORITY, CATCH_PRIORITY + 1))
+    assert not band & (set(TAILSCALE_PRIORITIES) | KERNEL_PRIORITIES | WG_QUICK_PRIORITIES)
+    assert max(band) < min(TAILSCALE_PRIORITIES) and max(band) < min(WG_QUICK_PRIORITIES)

@@ -14,7 +14,13 @@ from via_tunnel.core.plan import (
     level_ruleset,
     plan_group,
 )
-from via_tunnel.core.settings import MARK_MASK, RULE_PRIORITY, mark_for_slot, table_for_slot
+from via_tunnel.core.settings import (
+    MARK_MASK,
+    MAX_SLOT,
+    RULE_PRIORITY,
+    mark_for_slot,
+    table_for_slot,
+)
 
 TUN = LinkFacts(name="tun0", index=7, up=True, pointopoint=True, ipv4=("192.0.2.50/32",))
 VETH = LinkFacts(name="vlan3", index=5, up=True, pointopoint=False, ipv4=("192.0.2.34/28",),
@@ -34,8 +40,8 @@ def test_point_to_point_routes_without_next_hop_and_fails_closed() -> None:
         RouteSpec(AF_INET6, t, "default", kind="unreachable", metric=0xFFFFFFFF),
     )
     assert p.rules == (
-        RuleSpec(AF_INET, RULE_PRIORITY, mark_for_slot(3), MARK_MASK, t),
-        RuleSpec(AF_INET6, RULE_PRIORITY, mark_for_slot(3), MARK_MASK, t),
+        RuleSpec(AF_INET, 5101 + 3, mark_for_slot(3), MARK_MASK, t),
+        RuleSpec(AF_INET6, 5101 + 3, mark_for_slot(3), MARK_MASK, t),
     )
     assert p.ipv6 == "block"
 
@@ -81,7 +87,7 @@ def test_ipv6_goes_through_the_tunnel_only_when_it_has_v6() -> None:
 
 def test_marks_tables_never_collide_with_known_neighbours() -> None:
     tailscale = [(0x80000, 0xFF0000), (0x40000, 0xFF0000)]
-    for slot in range(1, 128):
+    for slot in range(1, MAX_SLOT + 1):
         mark = mark_for_slot(slot)
         assert mark & MARK_MASK == mark
         for value, mask in tailscale:
@@ -92,7 +98,9 @@ def test_marks_tables_never_collide_with_known_neighbours() -> None:
     with pytest.raises(ValueError):
         mark_for_slot(0)
     with pytest.raises(ValueError):
-        mark_for_slot(128)
+        mark_for_slot(MAX_SLOT + 1)
+    assert mark_for_slot(5) == 0x8500_0000  # slots 1-127 keep the marks they always had
+    assert mark_for_slot(128) == 0x8000_0100
 
 
 def test_nft_text_carries_no_names_and_elements_carry_them_as_data() -> None:
@@ -129,13 +137,31 @@ def test_an_address_with_a_peer_gives_the_next_hop_of_a_broadcast_interface() ->
     assert plan(LinkFacts(**{**facts.__dict__, "gateway4": "10.0.4.9"})).gateway4 == "10.0.4.9"
 
 
-def test_shared_rules_enter_from_priority_0_skip_for_others_and_catch_the_rest() -> None:
+def test_shared_rules_enter_from_priority_0_skip_for_others_dispatch_and_catch() -> None:
     from via_tunnel.core.plan import shared_rules
 
     flag = 0x8000_0000
-    assert shared_rules()[:3] == (
-        RuleSpec(AF_INET, 5101, flag, flag, action="unreachable"),
-        RuleSpec(AF_INET, 5099, flag, flag, action="goto", goto=5101, invert=True),
+    v4 = [r for r in shared_rules() if r.family == AF_INET]
+    assert v4[0] == RuleSpec(AF_INET, 5133, flag, flag, action="unreachable")
+    assert v4[1:33] == [RuleSpec(AF_INET, RULE_PRIORITY, flag | b << 24, 0x9F00_0000,
+                                 action="goto", goto=5101 + b) for b in range(32)]
+    assert v4[33:] == [
+        RuleSpec(AF_INET, 5099, flag, flag, action="goto", goto=5133, invert=True),
         RuleSpec(AF_INET, 0, flag, flag, action="goto", goto=RULE_PRIORITY),
-    )
-    assert [r.family for r in shared_rules()] == [AF_INET] * 3 + [AF_INET6] * 3
+    ]
+    assert [r.family for r in shared_rules()] == [AF_INET] * 35 + [AF_INET6] * 35
+
+
+def test_a_groups_packet_meets_a_bounded_number_of_rules_whatever_its_slot() -> None:
+    from via_tunnel.core.plan import group_rules, shared_rules
+
+    dispatch = [r for r in shared_rules() if r.family == AF_INET and r.action == "goto"
+                and r.priority == RULE_PRIORITY]
+    every = [r for s in range(1, MAX_SLOT + 1) for r in group_rules(s) if r.family == AF_INET]
+    for slot in (1, 31, 32, 127, 128, 2049, MAX_SLOT):
+        mark = mark_for_slot(slot)
+        hop = next(i for i, r in enumerate(dispatch) if mark & r.fwmask == r.fwmark)
+        bucket = [r for r in every if r.priority == dispatch[hop].goto]
+        assert any(mark & r.fwmask == r.fwmark and r.table == table_for_slot(slot)
+                   for r in bucket)
+        assert hop + 1 + len(bucket) <= 32 + 128

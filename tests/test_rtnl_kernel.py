@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from via_tunnel.core.settings import mark_for_slot, table_for_slot
+from via_tunnel.core.settings import MARK_MASK, mark_for_slot, table_for_slot
 from via_tunnel.lab.netlab import Lab
 
 pytestmark = pytest.mark.kernel
@@ -98,7 +98,7 @@ def test_apply_and_remove_are_exact_and_idempotent(lab: Lab, ipv6: str) -> None:
         mark = f"{mark_for_slot(SLOT):#x}"
         for family in ("rules4", "rules6"):
             assert [(r["fwmark"], r["fwmask"], r["table"]) for r in got[family]] == \
-                [(mark, "0xff000000", str(TABLE))]
+                [(mark, f"{MARK_MASK:#x}", str(TABLE))]
         v4 = {(r.get("type", "unicast"), r["dst"], r.get("gateway"), r.get("dev"))
               for r in got["routes4"]}
         assert ("unicast", "default", Lab.LAN_GW, "eth0") in v4

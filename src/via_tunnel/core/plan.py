@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 from via_tunnel.core.errors import ViaTunnelError
 from via_tunnel.core.settings import (
+    BUCKET_BASE,
+    BUCKET_MASK,
+    BUCKETS,
     CATCH_PRIORITY,
     ENTRY_PRIORITY,
     MARK_FLAG,
@@ -23,7 +26,9 @@ from via_tunnel.core.settings import (
     NFT_TABLE,
     RULE_PRIORITY,
     SKIP_PRIORITY,
+    SLOT_LOW_SHIFT,
     UNREACHABLE_METRIC,
+    bucket_priority,
     mark_for_slot,
     table_for_slot,
 )
@@ -149,7 +154,7 @@ def plan_group(
         routes.append(RouteSpec(AF_INET6, table, "default", oif=facts.index, gateway=gw6))
     routes.append(RouteSpec(AF_INET6, table, "default", kind="unreachable",
                             metric=UNREACHABLE_METRIC))
-    rules = group_rules(mark, table)
+    rules = group_rules(slot)
     dns4, dns6 = split_resolvers(dns)
     if dns6 is not None and v6_mode == "block":
         raise ViaTunnelError(
@@ -166,9 +171,11 @@ def plan_group(
     )
 
 
-def group_rules(mark: int, table: int) -> tuple[RuleSpec, ...]:
-    """The ip rules (v4 and v6) that send a group's marked packets to its table."""
-    return tuple(RuleSpec(fam, RULE_PRIORITY, mark, MARK_MASK, table)
+def group_rules(slot: int) -> tuple[RuleSpec, ...]:
+    """The ip rules (v4 and v6) that send a group's marked packets to its table, in its
+    slot's bucket."""
+    return tuple(RuleSpec(fam, bucket_priority(slot), mark_for_slot(slot), MARK_MASK,
+                          table_for_slot(slot))
                  for fam in (AF_INET, AF_INET6))
 
 
@@ -180,14 +187,18 @@ def shared_rules() -> tuple[RuleSpec, ...]:
       ahead of whatever is added later without a priority (wg-quick, Tailscale's fallback,
       scripts): the kernel gives such a rule priority 0 behind ours;
     * ``SKIP_PRIORITY``: any other packet jumps over the groups' rules, so the host's own
-      traffic pays for two rules whatever the number of groups;
+      traffic pays for three rules whatever the number of groups;
+    * ``RULE_PRIORITY``: one rule per bucket sends a group's packet to its bucket's rules
+      (``bucket_priority``), so it meets at most BUCKETS + MAX_SLOT / BUCKETS rules;
     * ``CATCH_PRIORITY``: a packet with our flag whose group has no rule (being set up or
       torn down) is unreachable, never routed by ``main``.
     """
     rules = []
     for fam in (AF_INET, AF_INET6):
+        rules.append(RuleSpec(fam, CATCH_PRIORITY, MARK_FLAG, MARK_FLAG, action="unreachable"))
+        rules += [RuleSpec(fam, RULE_PRIORITY, MARK_FLAG | (b << SLOT_LOW_SHIFT), BUCKET_MASK,
+                           action="goto", goto=BUCKET_BASE + b) for b in range(BUCKETS)]
         rules += [
-            RuleSpec(fam, CATCH_PRIORITY, MARK_FLAG, MARK_FLAG, action="unreachable"),
             RuleSpec(fam, SKIP_PRIORITY, MARK_FLAG, MARK_FLAG, action="goto",
                      goto=CATCH_PRIORITY, invert=True),
             RuleSpec(fam, ENTRY_PRIORITY, MARK_FLAG, MARK_FLAG, action="goto",

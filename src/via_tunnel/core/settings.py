@@ -4,9 +4,12 @@ Marks, routing tables and rule priorities are chosen so that they collide with n
 neighbours seen on real hosts (NOTES.md): Tailscale (rules 5210-5270, table 52, mark bits in
 0x00ff0000), wg-quick (mark and table 51820 = 0xca6c), Mullvad (mark 0x6d6f6c65, ct mark 0xf41).
 
-* Every mark of ours has bit 31 set; none of theirs does, so ``fwmark MARK/0xff000000``
+* Every mark of ours has bit 31 set; none of theirs does, so ``fwmark MARK/MARK_MASK``
   can never match their packets, and theirs can never match ours.
-* The group's slot (1..127) lives in bits 24-30.
+* The group's slot (1..4095) lives in bits 24-30 (its low 7 bits: slots 1-127 have the
+  marks they always had) and 8-12 (its high 5 bits), clear of Tailscale's 0x00ff0000.
+* ip rules form a two-level tree so that a packet meets a bounded number of rules whatever
+  the number of groups: the host's own packets 3, a group's at most 2 + 32 + 128.
 """
 
 from __future__ import annotations
@@ -14,17 +17,21 @@ from __future__ import annotations
 import os
 
 MARK_FLAG = 0x8000_0000
-MARK_MASK = 0xFF00_0000
-SLOT_SHIFT = 24
-MAX_SLOT = 0x7F
+MARK_MASK = 0xFF00_1F00  # the flag and every slot bit
+SLOT_LOW_SHIFT = 24  # slot & 0x7f
+SLOT_HIGH_SHIFT = 8  # slot >> 7
+MAX_SLOT = 0xFFF
+BUCKETS = 32  # the groups' rules are split by slot & 31 (bits 24-28 of the mark)
+BUCKET_MASK = MARK_FLAG | ((BUCKETS - 1) << SLOT_LOW_SHIFT)
 TABLE_BASE = 0x7674_0000  # "vt" << 16; routing table id = TABLE_BASE + slot
 # ip rules: a marked packet is sent from priority 0 (right after `local`) straight to the
 # groups' rules; a rule added later without a priority (wg-quick, scripts) gets priority 0 too
 # and lands *after* ours (the kernel inserts it behind every rule of the same priority).
 ENTRY_PRIORITY = 0  # fwmark FLAG/FLAG goto RULE_PRIORITY
 SKIP_PRIORITY = 5099  # not fwmark FLAG/FLAG goto CATCH_PRIORITY: others skip the groups' rules
-RULE_PRIORITY = 5100  # one rule per group: fwmark MARK/MASK lookup TABLE
-CATCH_PRIORITY = 5101  # fwmark FLAG/FLAG unreachable: a group's packet never reaches main
+RULE_PRIORITY = 5100  # one per bucket: fwmark (FLAG|b<<24)/BUCKET_MASK goto bucket_priority(b)
+BUCKET_BASE = 5101  # bucket b's groups: fwmark MARK/MARK_MASK lookup TABLE at 5101 + b
+CATCH_PRIORITY = BUCKET_BASE + BUCKETS  # fwmark FLAG/FLAG unreachable: never routed by main
 UNREACHABLE_METRIC = 0xFFFF_FFFF  # kill-switch route: behind every real default
 NFT_TABLE = "via_tunnel"
 NFT_FAMILY = "inet"
@@ -81,7 +88,20 @@ def mark_for_slot(slot: int) -> int:
     """The packet/ct mark of the group in ``slot`` (1..MAX_SLOT)."""
     if not 1 <= slot <= MAX_SLOT:
         raise ValueError(f"slot {slot} out of range")
-    return MARK_FLAG | (slot << SLOT_SHIFT)
+    return MARK_FLAG | ((slot & 0x7F) << SLOT_LOW_SHIFT) | ((slot >> 7) << SLOT_HIGH_SHIFT)
+
+
+def slot_of_mark(mark: int) -> int | None:
+    """The slot whose mark is ``mark``, or None when it is not one of ours."""
+    if mark & ~MARK_MASK or not mark & MARK_FLAG:
+        return None
+    slot = ((mark >> SLOT_LOW_SHIFT) & 0x7F) | (((mark >> SLOT_HIGH_SHIFT) & 0x1F) << 7)
+    return slot or None
+
+
+def bucket_priority(slot: int) -> int:
+    """The priority of the ip rules of the bucket ``slot`` belongs to."""
+    return BUCKET_BASE + slot % BUCKETS
 
 
 def table_for_slot(slot: int) -> int:

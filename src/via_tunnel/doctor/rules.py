@@ -28,6 +28,7 @@ from socket import AF_INET6
 from typing import Any
 
 from via_tunnel.core.settings import (
+    BUCKET_MASK,
     CATCH_PRIORITY,
     ENTRY_PRIORITY,
     MARK_FLAG,
@@ -36,6 +37,7 @@ from via_tunnel.core.settings import (
     RULE_PRIORITY,
     SKIP_PRIORITY,
     TABLE_BASE,
+    bucket_priority,
     mark_for_slot,
 )
 from via_tunnel.doctor.check import FAIL, OK, WARN, Check
@@ -55,9 +57,10 @@ LOCAL_TABLE = 255
 NO_SUPPRESS = 0xFFFF_FFFF
 OUR_TABLES = range(TABLE_BASE + 1, TABLE_BASE + MAX_SLOT + 1)
 OUR_MARKS = tuple(mark_for_slot(s) for s in range(1, MAX_SLOT + 1))
+OUR_BAND = range(SKIP_PRIORITY, CATCH_PRIORITY + 1)  # the host's packets jump over it
 FOOTPRINT = (f"priorities {ENTRY_PRIORITY}, {SKIP_PRIORITY}-{CATCH_PRIORITY}, "
              f"tables 0x{OUR_TABLES[0]:x}-0x{OUR_TABLES[-1]:x}, "
-             f"marks 0x80000000|slot<<24 under mask 0x{MARK_MASK:08x}")
+             f"marks with bit 31 under mask 0x{MARK_MASK:08x}")
 
 TAILSCALE_TABLE = 52
 TAILSCALE_PRIORITIES = range(5210, 5271)
@@ -157,14 +160,22 @@ def is_shared(rule: IpRule) -> bool:
         (CATCH_PRIORITY, FR_ACT_UNREACHABLE, False)})
 
 
+def is_dispatch(rule: IpRule) -> bool:
+    """Whether ``rule`` is one of our bucket rules (plan.shared_rules, RULE_PRIORITY)."""
+    return (rule.priority == RULE_PRIORITY and rule.action == FR_ACT_GOTO
+            and not rule.invert and rule.fwmask == BUCKET_MASK and rule.fwmark is not None
+            and not (rule.src or rule.dst or rule.iif or rule.oif))
+
+
 def our_slot(rule: IpRule) -> int | None:
     """The slot when ``rule`` is exactly one of via-tunnel's own rules, else None."""
-    if (rule.priority != RULE_PRIORITY or rule.invert or rule.action != FR_ACT_TO_TBL
+    if (rule.priority not in OUR_BAND or rule.invert or rule.action != FR_ACT_TO_TBL
             or rule.fwmark is None or rule.fwmask != MARK_MASK or rule.table not in OUR_TABLES
             or rule.src or rule.dst or rule.iif or rule.oif):
         return None
     slot = rule.table - TABLE_BASE
-    return slot if rule.fwmark == mark_for_slot(slot) else None
+    ok = rule.fwmark == mark_for_slot(slot) and rule.priority == bucket_priority(slot)
+    return slot if ok else None
 
 
 def matched_marks(rule: IpRule) -> list[int]:
@@ -184,7 +195,7 @@ def catches_group_packets(rule: IpRule) -> bool:
 def finding(rule: IpRule, before_entry: bool = False) -> Check | None:
     """The most serious way ``rule`` collides with our footprint, or None (see module doc).
     ``before_entry``: the rule is tried before our entry rule (or there is none yet)."""
-    if our_slot(rule) is not None or is_shared(rule):
+    if our_slot(rule) is not None or is_shared(rule) or is_dispatch(rule):
         return None
     desc = rule.describe()
     if rule.table in OUR_TABLES and rule.action in (FR_ACT_TO_TBL, FR_ACT_GOTO):
@@ -204,21 +215,21 @@ def finding(rule: IpRule, before_entry: bool = False) -> Check | None:
             f"outside the group's interface), a group's rules can route that program's "
             f"packets, and this rule a group's",
             "give that program marks with bit 31 clear (every via-tunnel mark has it set)")
-    if rule.priority == RULE_PRIORITY:
+    if rule.priority in OUR_BAND:
+        band = f"{OUR_BAND[0]}-{OUR_BAND[-1]}"
         if rule.action in _DECIDING and matched_marks(rule):
             return Check(
                 "ip-rules:priority", FAIL,
-                f"'{desc}' shares via-tunnel's priority {RULE_PRIORITY} and matches its "
-                f"marks: rules of one priority are tried in insertion order, so it can take "
-                f"a group's packets first",
-                f"give it another priority (ip rule del ...; ip rule add ... priority N, "
-                f"N != {RULE_PRIORITY})")
+                f"'{desc}' sits among via-tunnel's rules ({band}) and matches its marks: "
+                f"rules of one priority are tried in insertion order, so it can take a "
+                f"group's packets first",
+                f"give it a priority outside {band} (ip rule del ...; ip rule add ... "
+                f"priority N)")
         return Check(
             "ip-rules:priority", WARN,
-            f"'{desc}' shares via-tunnel's priority {RULE_PRIORITY}; it cannot match a "
-            f"group's marks, so no conflict now, but the order within one priority is "
-            f"only insertion order",
-            f"give it another priority (N != {RULE_PRIORITY})")
+            f"'{desc}' sits among via-tunnel's rules ({band}): while groups run, the "
+            f"host's other packets jump over that band, so this rule is not used",
+            f"give it a priority outside {band}")
     if (before_entry and rule.priority <= ENTRY_PRIORITY and rule.action in _DECIDING
             and not (rule.action == FR_ACT_TO_TBL and rule.table == LOCAL_TABLE)
             and catches_group_packets(rule)):

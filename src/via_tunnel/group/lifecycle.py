@@ -43,7 +43,6 @@ from via_tunnel.core.settings import (
     NFT_FAMILY,
     NFT_TABLE,
     Settings,
-    mark_for_slot,
     table_for_slot,
 )
 from via_tunnel.group import adapters, state
@@ -105,7 +104,10 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     k.nft.preload()
     mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
-    slot = state.free_slot(state.load_all(settings))
+    records = state.load_all(settings)
+    slot = state.free_slot(records)
+    # The shared rules come with the first group (repair puts them back if removed).
+    shared = () if any(r.ready for r in records) else shared_rules()
     facts = k.netlink.link_facts(iface)
     plan = plan_group(facts, slot=slot, level=k.cgroup.level_of(path, mount),
                       cgroup_nft_path=k.cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
@@ -121,7 +123,7 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
             rec.saved_sysctls = k.sysctl.apply_saving(plan.sysctls)
             state.save(settings, rec)
         k.cgroup.make(path)
-        k.netlink.apply(plan.rules + shared_rules(), plan.routes)
+        k.netlink.apply(plan.rules + shared, plan.routes)
         _nft_attach(k.nft, plan)
         rec.ready = True
         state.save(settings, rec)
@@ -142,7 +144,7 @@ def _plan_of(rec: GroupRecord) -> GroupPlan:
     facts): the same rules and nft elements, from the same functions setup used."""
     return GroupPlan(iface=rec.iface, slot=rec.slot, mark=rec.mark, table=rec.table,
                      level=rec.level, cgroup_nft_path=rec.cgroup_nft_path,
-                     rules=group_rules(rec.mark, rec.table), routes=(),
+                     rules=group_rules(rec.slot), routes=(),
                      ipv6="tunnel" if rec.ipv6 == "tunnel" else "block",
                      dns4=rec.dns4, dns6=rec.dns6)
 
@@ -339,7 +341,7 @@ def stray_kernel_objects(live_slots: set[int]) -> tuple[list[RuleSpec], list[int
     (a run killed before it wrote its record, or after): what :func:`cleanup` removes and
     doctor reports."""
     spare = [s for s in range(1, MAX_SLOT + 1) if s not in live_slots]
-    rules = [r for s in spare for r in group_rules(mark_for_slot(s), table_for_slot(s))]
+    rules = [r for s in spare for r in group_rules(s)]
     tables = [table_for_slot(s) for s in spare]
     return adapters.current().netlink.our_rules_and_tables(rules, tables)
 

@@ -211,15 +211,19 @@ def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
                                 oif=r.get_attr("RTA_OIF"), metric=r.get_attr("RTA_PRIORITY"))
 
 
+PER_TABLE_DUMPS = 16  # more tables than this: one dump of every table instead
+
+
 def our_rules_and_tables(
     rules: Iterable[RuleSpec], tables: Iterable[int]
 ) -> tuple[list[RuleSpec], list[int]]:
     """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps).
     Each table is dumped on its own: the kernel filters, so a host with a full routing
     table is not read through Python."""
-    from via_tunnel.kernel.rtnl import FIB_RULE_INVERT, RULE_ACTIONS, NetlinkError
+    from via_tunnel.kernel.rtnl import FIB_RULE_INVERT, RULE_ACTIONS, NetlinkError, route_table
 
     action_names = {number: name for name, number in RULE_ACTIONS.items()}
+    wanted_tables = set(tables)
     wanted = {(r.family, r.priority, r.fwmark, r.fwmask, r.table, r.action, r.goto,
                r.invert): r for r in rules}
     found_rules: list[RuleSpec] = []
@@ -240,5 +244,9 @@ def our_rules_and_tables(
                        bool(int(msg["flags"]) & FIB_RULE_INVERT))
                 if key in wanted:
                     found_rules.append(wanted[key])
-            found_tables.update(t for t in tables if _routes(rt, family, t))
+            if len(wanted_tables) > PER_TABLE_DUMPS:  # one dump beats thousands
+                found_tables.update(route_table(r) for r in _routes(rt, family, None)
+                                    if route_table(r) in wanted_tables)
+            else:
+                found_tables.update(t for t in wanted_tables if _routes(rt, family, t))
     return found_rules, sorted(found_tables)
