@@ -50,10 +50,11 @@ def _group_info() -> list[dict[str, object]]:
     README and the man page: keys are only ever added)."""
     from via_tunnel.core.settings import Settings
     from via_tunnel.group import state
-    from via_tunnel.kernel import cgroup, nft, procs
+    from via_tunnel.kernel import cgroup, netlink, nft, procs
 
     settings = Settings.from_env()
     records = state.load_all(settings)
+    links = netlink.link_states(rec.iface for rec in records) if records else {}
     # Counters and watcher locks are root's (reading nft needs CAP_NET_ADMIN; a lock anyone
     # could open could be held by anyone): an allowed user sees the rest, they show null.
     root = os.geteuid() == 0
@@ -74,7 +75,7 @@ def _group_info() -> list[dict[str, object]]:
             "dns": [a for a in (rec.dns4, rec.dns6) if a],
             "watcher": state.watcher_pid(settings, rec.iface) if root else None,
             "ready": rec.ready,
-            "link": _link_info(rec.iface),
+            "link": links[rec.iface],
             "counters": {
                 "sent": _counter(sent.get(key)), "received": _counter(received.get(key)),
             } if key in sent or key in received else None,
@@ -85,19 +86,6 @@ def _group_info() -> list[dict[str, object]]:
 
 def _counter(value: tuple[int, int] | None) -> dict[str, int] | None:
     return None if value is None else {"packets": value[0], "bytes": value[1]}
-
-
-def _link_info(iface: str) -> dict[str, object]:
-    """The interface's state as the kernel has it: up/down/absent, MTU, addresses."""
-    from via_tunnel.core.errors import ViaTunnelError
-    from via_tunnel.kernel import netlink
-
-    try:
-        facts = netlink.link_facts(iface)
-    except ViaTunnelError:
-        return {"state": "absent", "mtu": None, "addresses": []}
-    return {"state": "up" if facts.up else "down", "mtu": facts.mtu,
-            "addresses": [*facts.ipv4, *facts.ipv6_global]}
 
 
 def _human_bytes(n: int) -> str:

@@ -87,6 +87,11 @@ def link_addresses(rt: Rtnl, index: int,
         msgs = rt.addresses(index)
     except NetlinkError as exc:
         raise KernelError(f"cannot read the addresses of {name}: {exc.strerror}") from exc
+    return _split_addresses(msgs)
+
+
+def _split_addresses(msgs: Iterable[Any]) -> tuple[list[tuple[str, int, str | None]],
+                                                   list[str]]:
     v4: list[tuple[str, int, str | None]] = []
     v6: list[str] = []
     for a in msgs:
@@ -101,6 +106,33 @@ def link_addresses(rt: Rtnl, index: int,
             # are real on tunnels and route like any other.
             v6.append(f"{address}/{a['prefixlen']}")
     return v4, v6
+
+
+def link_states(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """For ``status``: each named interface's state ("up", "down" or "absent"), MTU and
+    addresses, from one dump of the links and one of the addresses, however many."""
+    from via_tunnel.kernel.rtnl import NetlinkError
+
+    wanted = set(names)
+    try:
+        with open_rtnl() as rt:
+            links = {link.get_attr("IFLA_IFNAME"): link for link in rt.links()}
+            by_index: dict[int, list[Any]] = {}
+            for a in rt.addresses(None):
+                by_index.setdefault(int(a["index"]), []).append(a)
+    except NetlinkError as exc:
+        raise KernelError(f"cannot list interfaces: {exc.strerror}") from exc
+    out: dict[str, dict[str, Any]] = {}
+    for name in wanted:
+        link = links.get(name)
+        if link is None:
+            out[name] = {"state": "absent", "mtu": None, "addresses": []}
+            continue
+        v4, v6 = _split_addresses(by_index.get(int(link["index"]), []))
+        out[name] = {"state": "up" if is_up(int(link["flags"])) else "down",
+                     "mtu": link.get_attr("IFLA_MTU"),
+                     "addresses": [*(f"{local}/{plen}" for local, plen, _ in v4), *v6]}
+    return out
 
 
 def link_facts(name: str) -> LinkFacts:

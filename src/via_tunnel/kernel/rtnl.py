@@ -119,12 +119,17 @@ class Rtnl(Socket):
                 return None
             raise
 
-    def addresses(self, index: int) -> list[Any]:
-        """The addresses (both families) of interface ``index``."""
+    def links(self) -> list[Any]:
+        """The RTM_NEWLINK messages of every interface (one dump)."""
+        return self._dump(ifinfmsg(), RTM_GETLINK, "list interfaces")
+
+    def addresses(self, index: int | None) -> list[Any]:
+        """The addresses (both families) of interface ``index`` (None: of every one)."""
         msg = ifaddrmsg()
-        msg["index"] = index
+        if index is not None:
+            msg["index"] = index
         return [a for a in self._dump(msg, RTM_GETADDR, "list addresses")
-                if a["index"] == index]
+                if index is None or a["index"] == index]
 
     def routes(self, family: int, table: int | None = None,
                oif: int | None = None) -> list[Any]:
