@@ -236,12 +236,17 @@ def test_link_down_drops_the_groups_traffic_and_up_resumes_it(
             assert r.returncode == 125 and f"{dev} is down" in r.stderr
         finally:
             wg.link_up()
-        wait_for(lambda: default_via(lab, table, dev), timeout=5, what="v4 route re-added")
-        wait_for(lambda: default_via(lab, table, dev, ipv6=True), timeout=5,
-                 what="v6 route re-added")
-        assert asker.both() == (WG4, WG6)
+        routes_back_and_traffic_resumes(lab, asker, table, dev)
     finally:
         asker.close()
+
+
+def routes_back_and_traffic_resumes(lab: Lab, asker: Asker, table: int, dev: str) -> None:
+    """Wait until the watcher re-added the group's defaults, then traffic goes through."""
+    wait_for(lambda: default_via(lab, table, dev), timeout=5, what="v4 route re-added")
+    wait_for(lambda: default_via(lab, table, dev, ipv6=True), timeout=5,
+             what="v6 route re-added")
+    assert asker.both() == (WG4, WG6)
 
 
 @pytest.mark.parametrize("how", ["wireguard-go killed", "link deleted"])
@@ -324,10 +329,7 @@ def test_a_group_on_the_wg_quick_interface_survives_a_wg_quick_restart(
             assert asker.both() == ("FAIL", "FAIL")
         assert elsewhere.packets() == {}
         wg.quick_up()
-        wait_for(lambda: default_via(lab, table, dev), timeout=5, what="v4 route re-added")
-        wait_for(lambda: default_via(lab, table, dev, ipv6=True), timeout=5,
-                 what="v6 route re-added")
-        assert asker.both() == (WG4, WG6)
+        routes_back_and_traffic_resumes(lab, asker, table, dev)
     finally:
         asker.close()
 
@@ -335,9 +337,9 @@ def test_a_group_on_the_wg_quick_interface_survives_a_wg_quick_restart(
 @pytest.mark.parametrize("when", ["started", "restarted"])
 def test_a_bypass_group_keeps_its_interface_when_wg_quick_is(
         lab: Lab, wg: WireGuard, vt_env: dict[str, str], clean: None, when: str) -> None:
-    """wg-quick adds its rules without a priority: the kernel puts a new rule just before
-    the second rule of the list, so while our rules exist they land ahead of ours (5098 and
-    5099) and take the group's packets. Fails with the code as it stands (expected)."""
+    """wg-quick adds its rules without a priority: the kernel gives a new rule the priority
+    of the second rule of the list minus one, which put them ahead of a group's rules when
+    those were the second; our entry rule at priority 0 keeps them behind it."""
     wg.stop_client()
     if when == "restarted":
         wg.quick_up()
@@ -363,8 +365,8 @@ def test_a_bypass_group_keeps_its_interface_when_wg_quick_is(
 def test_src_valid_mark_set_by_wg_quick_survives_the_end_of_a_group(
         lab: Lab, wg: WireGuard, vt_env: dict[str, str], clean: None) -> None:
     """A group started while src_valid_mark was 0 sets it to 1; wg-quick, started while the
-    group runs, sets it to 1 too and relies on it. When the group ends, the 1 must stay.
-    Fails with the code as it stands (expected): the last teardown writes back the 0."""
+    group runs, sets it to 1 too and relies on it. When the group ends, the 1 must stay
+    (via-tunnel never lowers it)."""
     original = svm(lab)
     lab.run(lab.client, ["sysctl", "-q", "-w", "net.ipv4.conf.all.src_valid_mark=0"])
     try:
