@@ -8,14 +8,15 @@ request, moves *that* process into the interface's group and answers with one JS
     <- {"ok": true, "iface": "vlan3", "cgroup": "/sys/fs/cgroup/via-tunnel/if-vlan3"}
     <- {"ok": false, "error": "alice is not allowed to use vlan3 (...)", "code": 125}
 
-On the launch hot path: ``_socket`` and ``json`` only (``socket`` imports enum).
+On the launch hot path: ``_socket`` and :mod:`via_tunnel.core.fastjson` only (``socket``
+imports enum, ``json`` re and enum).
 """
 
 from __future__ import annotations
 
 import _socket
-import json
 
+from via_tunnel.core import fastjson
 from via_tunnel.core.errors import EXIT_FAILURE, EXIT_USAGE, ViaTunnelError
 from via_tunnel.core.wire import MAX_ANSWER, PING, socket_path
 
@@ -31,7 +32,7 @@ def request(payload: dict[str, object], path: str | None = None) -> dict[str, ob
     :class:`ViaTunnelError` with its message and exit code (2 or 125)."""
     path = path or socket_path()
     try:
-        answer = exchange(json.dumps(payload).encode(), path, ANSWER_TIMEOUT)
+        answer = exchange(fastjson.dumps(payload).encode(), path, ANSWER_TIMEOUT)
     except (FileNotFoundError, ConnectionRefusedError):
         raise ViaTunnelError(NO_DAEMON) from None
     except PermissionError:
@@ -80,7 +81,7 @@ def exchange(data: bytes, path: str, timeout: float) -> object:
     finally:
         sock.close()
     try:
-        return json.loads(b"".join(chunks))
+        return fastjson.loads(b"".join(chunks))
     except ValueError:
         return None
 

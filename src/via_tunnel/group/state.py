@@ -8,9 +8,9 @@ only after everything it names is gone.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 
+from via_tunnel.core import fastjson
 from via_tunnel.core.errors import ViaTunnelError
 from via_tunnel.core.settings import MAX_SLOT, Settings
 from via_tunnel.kernel.files import (
@@ -65,7 +65,9 @@ class GroupRecord:
 
     @classmethod
     def from_json(cls, text: str) -> GroupRecord:
-        data = json.loads(text)
+        data = fastjson.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a group record is a JSON object")
         return cls(**{k: data[k] for k in cls.__slots__ if k in data})
 
 

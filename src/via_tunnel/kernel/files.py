@@ -9,9 +9,9 @@ process dies. Standard library only: on the launch hot path.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 
+from via_tunnel.core import fastjson
 from via_tunnel.core.errors import ViaTunnelError
 
 
@@ -50,7 +50,7 @@ def write_json(path: str, data: object) -> None:
     write and the rename leaves ``path.tmp``; :func:`remove_json` removes it too."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f)
+        f.write(fastjson.dumps(data))
     os.replace(tmp, path)
 
 
