@@ -129,26 +129,38 @@ class Daemon:
                     log(f"adopted group {rec.iface}")
 
     def launch(self, req: Request, peer: Peer) -> dict[str, object]:
-        """Decide, then put the caller into the group (created if needed)."""
+        """Decide, then put the caller into the group (created if needed). One log line per
+        request, whatever stops it: the policy, an option, the group, the kernel."""
+        try:
+            answer, reason = self._launch(req, peer)
+        except ViaTunnelError as exc:
+            log(f"refuse {peer} iface={req.iface}: {exc.message}")
+            raise
+        log(f"allow {peer} iface={req.iface}: {reason}")
+        return answer
+
+    def _launch(self, req: Request, peer: Peer) -> tuple[dict[str, object], str]:
         from via_tunnel.kernel.ifflags import check_link
 
         policy = self.policy
+        rules = policy.interfaces.get(req.iface)
         decision = policy_mod.decide(policy, req.iface, peer.uid, peer.user, peer.groups)
-        log(f"{'allow' if decision.allowed else 'refuse'} {peer} iface={req.iface}: "
-            f"{decision.reason}")
         if not decision.allowed:
             raise ViaTunnelError(decision.reason)
-        req = policy_mod.effective(req, policy.interfaces.get(req.iface))
+        policy_mod.check_user_options(req, rules, peer.uid)
+        req = policy_mod.effective(req, rules)
         check_link(req.iface)
         with state.locked(self.settings):
-            # Reuses a live group (refusing options that would change the routing of the
-            # programs already in it), rebuilds a stale one, creates a missing one.
+            # Reuses a live group (for a non-root caller only one created with exactly its
+            # options: nobody takes another user's routing), rebuilds a stale one, creates a
+            # missing one.
             rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
-                                         ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
+                                         ipv6=req.ipv6,  # type: ignore[arg-type]
+                                         dns=req.dns, exact=peer.uid != 0)
             self.ensure_watcher(req.iface)
             move(peer, rec.cgroup)
-        return {"ok": True, "iface": req.iface, "cgroup": rec.cgroup,
-                "dns_refused": rec.dns4 is None and rec.dns6 is None}
+        return ({"ok": True, "iface": req.iface, "cgroup": rec.cgroup,
+                 "dns_refused": rec.dns4 is None and rec.dns6 is None}, decision.reason)
 
     # -- connections ----------------------------------------------------------------
 
