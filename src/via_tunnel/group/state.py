@@ -16,6 +16,7 @@ from via_tunnel.core.settings import MAX_SLOT, Settings
 from via_tunnel.kernel.files import (
     FileLock,
     ensure_dir,
+    read_trusted,
     remove_json,
     remove_orphan_tmp_in,
     write_json,
@@ -91,11 +92,20 @@ def record_path(settings: Settings, iface: str) -> str:
 
 
 def load(settings: Settings, iface: str) -> GroupRecord | None:
-    try:
-        with open(record_path(settings, iface)) as f:
-            return GroupRecord.from_json(f.read())
-    except FileNotFoundError:
+    """The record of ``iface``'s group, or None. Trusted only when it is a regular file in
+    the groups directory that only root may write, and names ``iface``: else
+    ViaTunnelError."""
+    path = record_path(settings, iface)
+    text = read_trusted(path)
+    if text is None:
         return None
+    try:
+        rec = GroupRecord.from_json(text)
+    except (ValueError, TypeError, KeyError):
+        raise ViaTunnelError(f"refusing to trust {path}: not a group record") from None
+    if rec.iface != iface:
+        raise ViaTunnelError(f"refusing to trust {path}: it names {rec.iface!r}")
+    return rec
 
 
 def load_all(settings: Settings) -> list[GroupRecord]:
@@ -106,7 +116,10 @@ def load_all(settings: Settings) -> list[GroupRecord]:
     out = []
     for name in names:
         if name.endswith(".json"):
-            rec = load(settings, name[:-5])
+            try:
+                rec = load(settings, name[:-5])
+            except ViaTunnelError:
+                continue  # not ours to act on (doctor and the daemon's start-up say why)
             if rec is not None:
                 out.append(rec)
     return out
