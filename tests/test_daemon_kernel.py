@@ -537,3 +537,19 @@ def test_no_user_takes_or_sets_another_users_routing(
             a.kill()
             a.wait()
         config.write_text(original)
+
+
+INHERITS = """
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_inheritable(True)
+os.execv(sys.executable, [sys.executable, "-m", "via_tunnel", "vlan3", "--", "true"])
+"""
+
+
+def test_a_socket_opened_before_the_launch_is_named_in_one_line(
+        lab: Lab, denv: dict[str, str], users: Users, daemon: Daemon, clean: None) -> None:
+    r = lab.run(lab.client, as_user(users.allowed, USER_PY, "-c", INHERITS), env=denv,
+                check=False)
+    assert r.returncode == 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "inherits socket(s) opened outside vlan3's group: fd 3 (IPv4)" in r.stderr
