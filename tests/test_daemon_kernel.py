@@ -487,3 +487,69 @@ def test_status_as_an_allowed_user_shows_the_group_without_root_only_fields(
     finally:
         p.terminate()
         p.wait(timeout=5)
+
+
+def test_no_user_takes_or_sets_another_users_routing(
+        lab: Lab, denv: dict[str, str], users: Users, daemon: Daemon, clean: None) -> None:
+    """Issue "No escape, no cross-user influence" (A): a user's --ipv6/--dns/--gateway need
+    user_options; a plain run never joins a group started with other options (and a
+    config default is the same for everyone: both users share that group)."""
+    config = Path(denv["VIA_TUNNEL_CONFIG"])
+    original = config.read_text()
+    gid = subprocess.run(["getent", "group", users.group], capture_output=True, text=True,
+                         check=True).stdout.split(":")[2]
+    assert daemon.proc is not None
+
+    def reload(text: str) -> None:
+        seen = daemon.log().count("config reloaded")
+        config.write_text(text)
+        daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for(lambda: daemon.log().count("config reloaded") > seen, timeout=5,
+                 what="reload")
+
+    a = None
+    try:
+        r = via_as(lab, denv, users.allowed, "--ipv6", "block", "vlan3", "--", "true")
+        assert r.returncode == 125 and "user_options" in r.stderr, r.stderr
+        assert f"refuse uid={uid(users.allowed)}({users.allowed}) pid=" in daemon.log()
+        reload(original + 'user_options = ["ipv6"]\n')
+        a = lab.popen(lab.client, as_user(users.allowed, USER_PY, "-m", "via_tunnel",
+                                          "--ipv6", "block", "vlan3", "--", "sleep", "30"),
+                      env=denv)
+        record = Path(denv["VIA_TUNNEL_STATE_DIR"]) / "groups" / "vlan3.json"
+        wait_for(record.exists, timeout=10, what="A's group")
+        r = via_as(lab, denv, users.other, "vlan3", "--", *lab.fetch_argv(), groups=gid)
+        assert r.returncode == 125 and r.stdout == "", r.stdout
+        assert "vlan3 is in use with other routing options" in r.stderr, r.stderr
+        assert (f"refuse uid={uid(users.other)}({users.other}) pid=") in daemon.log()
+        a.kill()
+        a.wait()
+        wait_for(lambda: not record.exists(), timeout=10, what="A's group to go")
+        # A default from the config is everyone's: A's plain run and B's share the group.
+        reload(original + 'dns = ["198.51.100.53"]\n')
+        a = lab.popen(lab.client, as_user(users.allowed, USER_PY, "-m", "via_tunnel",
+                                          "vlan3", "--", "sleep", "30"), env=denv)
+        wait_for(record.exists, timeout=10, what="A's group")
+        r = via_as(lab, denv, users.other, "vlan3", "--", *lab.fetch_argv(), groups=gid)
+        assert (r.returncode, r.stdout.strip()) == (0, VETH), r.stderr
+    finally:
+        if a is not None:
+            a.kill()
+            a.wait()
+        config.write_text(original)
+
+
+INHERITS = """
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_inheritable(True)
+os.execv(sys.executable, [sys.executable, "-m", "via_tunnel", "vlan3", "--", "true"])
+"""
+
+
+def test_a_socket_opened_before_the_launch_is_named_in_one_line(
+        lab: Lab, denv: dict[str, str], users: Users, daemon: Daemon, clean: None) -> None:
+    r = lab.run(lab.client, as_user(users.allowed, USER_PY, "-c", INHERITS), env=denv,
+                check=False)
+    assert r.returncode == 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "inherits socket(s) opened outside vlan3's group: fd 3 (IPv4)" in r.stderr

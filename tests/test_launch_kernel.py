@@ -335,6 +335,7 @@ WARM_LAUNCH_MODULES = [
     "via_tunnel.kernel.files",
     "via_tunnel.group.state", "via_tunnel.kernel.cgroup", "via_tunnel.launch.privdrop",
     "via_tunnel.kernel.resolvers", "via_tunnel.kernel.instances",
+    "via_tunnel.kernel.inherited",
 ]
 # Standard modules a warm launch may not pull in (each costs more than the launch itself,
 # or means a subcommand's or a cold launch's machinery leaked onto the hot path). The record

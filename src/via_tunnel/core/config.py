@@ -71,6 +71,8 @@ def parse(text: str, path: str = "config.toml") -> ConfigFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    except RecursionError:  # tomllib recurses per nesting level: a hostile file
+        raise ConfigError(f"{path}: nested too deeply") from None
     unknown = set(data) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")

@@ -92,13 +92,24 @@ def move(peer: Peer, path: str) -> None:
 
     cgroup.procs takes a PID number, so the number must still name the caller when it is
     written: the pidfd proves the caller was alive before the uid check and after the
-    write, and a live process's PID cannot be reused in between.
+    write, and a live process's PID cannot be reused in between. If the pidfd says the
+    caller died meanwhile, the PID may name a new process (PID reuse): whatever process it
+    names is moved back to where the caller was, never left in the group.
     """
     if _exited(peer.pidfd):
         raise ViaTunnelError("the calling process exited")
-    if procs.real_uid(peer.pid) != peer.uid:
+    if procs.uids(peer.pid) != (peer.uid,) * 3:  # also an exec of a setuid program
         raise ViaTunnelError("the calling process changed its identity")
+    mount = cgroup.cgroup2_mount()
+    try:
+        before = cgroup.own_cgroup(mount, peer.pid)
+    except OSError:
+        raise ViaTunnelError("the calling process exited") from None
     cgroup.join(path, peer.pid)
     if _exited(peer.pidfd):
         log(f"{peer}: exited while it was being moved into {path}")
+        if peer.pid in cgroup.members(path):  # another process now has its PID
+            with contextlib.suppress(ViaTunnelError):
+                cgroup.join(before, peer.pid)
+            log(f"{peer}: moved PID {peer.pid} back to {before} (PID reused)")
         raise ViaTunnelError("the calling process exited")

@@ -12,69 +12,42 @@ running :func:`watcher.watch` while it holds the group's ``.watch`` lock, exactl
 detached watcher process of the root launcher does. A restarted daemon adopts the groups
 recorded in the state dir that have no watcher, so killing it loses nothing.
 
-Concurrency: a thread per connection, at most :data:`MAX_CONNECTIONS` at once and
-:data:`MAX_PER_UID` per user (beyond that a caller is told "busy" at once). Sequential
-handling would let one slow client hold everybody up for the whole request timeout; the
-threads only read and parse, and everything that changes the kernel is serialised by the
-global lock anyway. Signals are blocked in every thread but the main one, so SIGTERM and
-SIGHUP interrupt the main thread's ``accept`` instead of landing where Python cannot act
-on them.
+Concurrency (front.py): one selector loop accepts and reads every request, with a short
+deadline and a share per user; threads (a few, bounded) only do the work of complete
+requests, and one thread per group watches it. Signals only set flags that the loop acts
+on, so a reload that fails (even with a RecursionError) keeps the old config and the daemon.
 
-Beside this module: the caller's identity and its move (peer.py), the listening socket
-(listen.py), the log (log.py).
+Beside this module: the connections (front.py), the caller's identity and its move
+(peer.py), the listening socket (listen.py), the log (log.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import resource
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
-from types import FrameType
+from typing import Any
 
 from via_tunnel import __version__
 from via_tunnel.core import policy as policy_mod
 from via_tunnel.core.errors import ViaTunnelError
-from via_tunnel.core.policy import ConfigError, Policy, Request, RequestError
+from via_tunnel.core.policy import Policy, Request, RequestError
 from via_tunnel.core.settings import Settings
 from via_tunnel.core.settings import config_path as settings_config_path
 from via_tunnel.core.wire import is_ping
 from via_tunnel.core.wire import socket_path as default_socket_path
+from via_tunnel.daemon.front import Front
 from via_tunnel.daemon.listen import own_socket, systemd_socket
-from via_tunnel.daemon.log import log
+from via_tunnel.daemon.log import Limiter, log
 from via_tunnel.daemon.peer import Peer, move, peer_of
 from via_tunnel.group import lifecycle, state, watcher
+from via_tunnel.kernel.files import check_private_dir
 
-MAX_REQUEST = 64 * 1024
-REQUEST_TIMEOUT = 2.0  # for reading the whole request, and again for writing the answer
-MAX_CONNECTIONS = 128
-MAX_PER_UID = 32  # one user's slow clients cannot take every slot
-
-
-def read_request(conn: socket.socket, limit: int = MAX_REQUEST,
-                 timeout: float = REQUEST_TIMEOUT) -> bytes:
-    """The request: everything until the client shuts down its side, within ``limit``
-    bytes and ``timeout`` seconds in total (a slow client cannot hold a thread longer)."""
-    deadline = time.monotonic() + timeout
-    buf = bytearray()
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RequestError("request timed out")
-        conn.settimeout(left)
-        try:
-            chunk = conn.recv(limit + 1 - len(buf))
-        except TimeoutError:
-            raise RequestError("request timed out") from None
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > limit:
-            raise RequestError(f"request too large (more than {limit} bytes)")
+WANT_FILES = 4096  # RLIMIT_NOFILE we raise the soft limit to (2 fds per connection)
 
 
 class Daemon:
@@ -82,9 +55,7 @@ class Daemon:
         self.settings = settings
         self.config_path = config_path
         self.policy = policy  # replaced whole on SIGHUP; readers take one reference
-        self._count_lock = threading.Lock()
-        self._per_uid: dict[int, int] = {}
-        self._total = 0
+        self.limiter = Limiter()
 
     # -- policy ---------------------------------------------------------------------
 
@@ -92,8 +63,11 @@ class Daemon:
         """Re-read the config; on error keep the old one and say so."""
         try:
             self.policy = policy_mod.load(self.config_path)
-        except ConfigError as exc:
+        except ViaTunnelError as exc:
             log(f"config not reloaded, keeping the previous one: {exc.message}")
+            return
+        except Exception as exc:  # whatever a parser does with a hostile file
+            log(f"config not reloaded, keeping the previous one: {exc!r}")
             return
         log(f"config reloaded from {self.config_path} "
             f"({len(self.policy.interfaces)} interface(s))")
@@ -106,7 +80,12 @@ class Daemon:
         fd = state.hold_watch_lock(self.settings, iface, wait=False)
         if fd is None:
             return
-        _start_thread(self._watch, (iface, fd), f"watch-{iface}")
+        try:
+            _start_thread(self._watch, (iface, fd), f"watch-{iface}")
+        except (RuntimeError, MemoryError, OSError) as exc:  # the PID limit
+            os.close(fd)
+            log(f"cannot start a thread to watch {iface}: {exc}")
+            raise ViaTunnelError("the daemon is busy; try again") from None
 
     def _watch(self, iface: str, fd: int) -> None:
         try:
@@ -129,90 +108,80 @@ class Daemon:
                     log(f"adopted group {rec.iface}")
 
     def launch(self, req: Request, peer: Peer) -> dict[str, object]:
-        """Decide, then put the caller into the group (created if needed)."""
+        """Decide, then put the caller into the group (created if needed). One log line per
+        request, whatever stops it: the policy, an option, the group, the kernel."""
+        try:
+            answer, reason = self._launch(req, peer)
+        except ViaTunnelError as exc:
+            self.limiter.log(peer.uid, f"refuse {peer} iface={req.iface}: {exc.message}")
+            raise
+        self.limiter.log(peer.uid, f"allow {peer} iface={req.iface}: {reason}")
+        return answer
+
+    def _launch(self, req: Request, peer: Peer) -> tuple[dict[str, object], str]:
         from via_tunnel.kernel.ifflags import check_link
 
         policy = self.policy
+        rules = policy.interfaces.get(req.iface)
         decision = policy_mod.decide(policy, req.iface, peer.uid, peer.user, peer.groups)
-        log(f"{'allow' if decision.allowed else 'refuse'} {peer} iface={req.iface}: "
-            f"{decision.reason}")
         if not decision.allowed:
             raise ViaTunnelError(decision.reason)
-        req = policy_mod.effective(req, policy.interfaces.get(req.iface))
+        policy_mod.check_user_options(req, rules, peer.uid)
+        req = policy_mod.effective(req, rules)
         check_link(req.iface)
         with state.locked(self.settings):
-            # Reuses a live group (refusing options that would change the routing of the
-            # programs already in it), rebuilds a stale one, creates a missing one.
+            # Reuses a live group (for a non-root caller only one created with exactly its
+            # options: nobody takes another user's routing), rebuilds a stale one, creates a
+            # missing one.
             rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
-                                         ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
-            self.ensure_watcher(req.iface)
+                                         ipv6=req.ipv6,  # type: ignore[arg-type]
+                                         dns=req.dns, exact=peer.uid != 0)
+            try:
+                self.ensure_watcher(req.iface)
+            except ViaTunnelError:
+                lifecycle.teardown_if_empty(self.settings, req.iface)  # nobody watches it
+                raise
             move(peer, rec.cgroup)
-        return {"ok": True, "iface": req.iface, "cgroup": rec.cgroup,
-                "dns_refused": rec.dns4 is None and rec.dns6 is None}
+        return ({"ok": True, "iface": req.iface, "cgroup": rec.cgroup,
+                 "dns_refused": rec.dns4 is None and rec.dns6 is None}, decision.reason)
 
-    # -- connections ----------------------------------------------------------------
+    # -- requests (front.py calls these) ------------------------------------------------
 
-    def _admit(self, uid: int) -> bool:
-        with self._count_lock:
-            if self._total >= MAX_CONNECTIONS or self._per_uid.get(uid, 0) >= MAX_PER_UID:
-                return False
-            self._total += 1
-            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-            return True
+    def quick(self, raw: bytes, uid: int, pid: int) -> dict[str, Any] | tuple[object]:
+        """What the loop answers at once (a ping, a malformed request: no thread), or the
+        parsed request to queue."""
+        if is_ping(raw):
+            return {"ok": True, "version": __version__}
+        try:
+            return (policy_mod.parse_request(raw),)
+        except RequestError as exc:
+            self.limiter.log(uid, f"bad request from uid={uid} pid={pid}: {exc.message}")
+            return _error(exc)
 
-    def _release(self, uid: int) -> None:
-        with self._count_lock:
-            self._total -= 1
-            self._per_uid[uid] -= 1
-            if not self._per_uid[uid]:
-                del self._per_uid[uid]
-
-    def accept_one(self, listener: socket.socket) -> None:
-        conn, _ = listener.accept()
+    def serve(self, conn: socket.socket, work: object) -> dict[str, Any]:
+        """The answer to a parsed request (in a worker thread)."""
+        assert isinstance(work, Request)
         try:
             peer = peer_of(conn)
         except ViaTunnelError as exc:
-            _answer(conn, _error(exc))
-            conn.close()
-            return
+            log(f"refuse iface={work.iface}: {exc.message}")
+            return _error(exc)
         except OSError as exc:
             log(f"cannot read the caller's credentials: {exc.strerror}")
-            conn.close()
-            return
-        if not self._admit(peer.uid):
-            log(f"busy: {peer} turned away")
-            _answer(conn, _error(ViaTunnelError("the daemon is busy; try again")))
-            conn.close()
-            os.close(peer.pidfd)
-            return
-        _start_thread(self._serve, (conn, peer), f"serve-{peer.pid}")
-
-    def _serve(self, conn: socket.socket, peer: Peer) -> None:
+            return _error(ViaTunnelError("cannot identify the calling process"))
         try:
-            try:
-                raw = read_request(conn)
-                if is_ping(raw):
-                    answer = {"ok": True, "version": __version__}
-                else:
-                    answer = self.launch(policy_mod.parse_request(raw), peer)
-            except ViaTunnelError as exc:
-                if isinstance(exc, RequestError):
-                    log(f"bad request from {peer}: {exc.message}")
-                answer = _error(exc)
-            except Exception as exc:  # a bug must not take the daemon down
-                log(f"internal error serving {peer}: {exc!r}")
-                answer = _error(ViaTunnelError(f"internal error in the daemon: {exc!r}"))
-            _answer(conn, answer)
+            return self.launch(work, peer)
+        except ViaTunnelError as exc:
+            return _error(exc)
         finally:
-            conn.close()
             os.close(peer.pidfd)
-            self._release(peer.uid)
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _start_thread(target: Callable[..., None], args: tuple[object, ...], name: str) -> None:
+def _start_thread(target: Callable[..., None], args: tuple[object, ...] = (),
+                  name: str | None = None) -> None:
     """Start a daemon thread with our signals blocked (it inherits the mask)."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
@@ -221,22 +190,16 @@ def _start_thread(target: Callable[..., None], args: tuple[object, ...], name: s
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _error(exc: ViaTunnelError) -> dict[str, object]:
+def _error(exc: ViaTunnelError) -> dict[str, Any]:
     return {"ok": False, "error": exc.message, "code": exc.exit_code}
 
 
-def _answer(conn: socket.socket, answer: dict[str, object]) -> None:
-    with contextlib.suppress(OSError):
-        conn.settimeout(REQUEST_TIMEOUT)
-        conn.sendall(json.dumps(answer).encode())
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
+def _raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = WANT_FILES if hard == resource.RLIM_INFINITY else min(WANT_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def run(socket_path: str | None = None, config_path: str | None = None) -> int:
@@ -259,25 +222,34 @@ def run(socket_path: str | None = None, config_path: str | None = None) -> int:
         netlink.preload()
         nft.preload()
 
+    for directory in (settings.state_dir, settings.groups_dir):
+        check_private_dir(directory)  # records are trusted only in a root-only directory
+    _raise_file_limit()
     daemon = Daemon(settings, config_path, policy)
     listener = systemd_socket()
     lock_fd = -1
     if listener is None:
         listener, lock_fd = own_socket(path, policy.socket_group)
-    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.reload())
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    flags: set[int] = set()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for sig in _SIGNALS:
+        signal.signal(sig, lambda signum, frame: flags.add(signum))
     daemon.adopt()
+    front = Front(listener, daemon.quick, daemon.serve, daemon.limiter,
+                  lambda target: _start_thread(target, name="work"), wake_r)
     log(f"listening on {path if lock_fd >= 0 else 'the socket from systemd'}, "
         f"config {config_path} ({len(policy.interfaces)} interface(s))")
     try:
-        while True:
+        while not flags & {signal.SIGTERM, signal.SIGINT}:
             try:
-                daemon.accept_one(listener)
-            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
-                log(f"accept failed: {exc.strerror}")
-                time.sleep(0.1)
-    except _Stop:
+                front.poll(0.5)
+            except OSError as exc:  # never seen; a daemon that stops serving is worse
+                log(f"serving failed: {exc!r}")
+            if signal.SIGHUP in flags:
+                flags.discard(signal.SIGHUP)
+                daemon.reload()
+            daemon.limiter.flush()
         log("stopping (groups stay; the next daemon adopts them)")
     finally:
         if lock_fd >= 0:
@@ -286,4 +258,3 @@ def run(socket_path: str | None = None, config_path: str | None = None) -> int:
             os.close(lock_fd)
         listener.close()
     return 0
-

@@ -46,6 +46,7 @@ from via_tunnel.core.settings import (
     table_for_slot,
 )
 from via_tunnel.group import adapters, state
+from via_tunnel.group.joining import check_compatible, check_same
 from via_tunnel.group.state import GroupRecord
 
 GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
@@ -57,41 +58,25 @@ def group_path(settings: Settings, mount: str, iface: str) -> str:
 
 def ensure_group(
     settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto",
-    dns: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (), exact: bool = False,
 ) -> GroupRecord:
     """Return the active group of ``iface``, creating it if needed. Caller holds the lock.
 
-    On any failure everything this call added is removed again before the error propagates.
+    ``exact`` (a non-root caller of the daemon): a running group is joined only when it
+    was created with exactly these options (:func:`check_same`), so that no user's run ever
+    takes another user's routing. On any failure everything this call added is removed
+    again before the error propagates.
     """
     rec = state.load(settings, iface)
     if rec is not None:
         if rec.usable():
-            check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
+            if exact:
+                check_same(rec, gateway=gateway, ipv6=ipv6, dns=dns)
+            else:
+                check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
             return rec
         teardown(settings, rec)  # a crash left it stale or half-built: start clean
     return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
-
-
-def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = "auto",
-                     dns: tuple[str, ...] = ()) -> None:
-    """A run joining an existing group may not ask for other routing than it has: that
-    would silently change the traffic of the programs already running in it."""
-    from via_tunnel.core.plan import split_resolvers
-
-    if gateway is not None and rec.gateway4 not in (None, gateway):
-        raise ViaTunnelError(
-            f"{rec.iface} is already in use with gateway {rec.gateway4}; "
-            f"--gateway {gateway} would change the routing of running programs")
-    if ipv6 != "auto" and rec.ipv6 != ipv6:
-        have = "blocked" if rec.ipv6 == "block" else "through the tunnel"
-        raise ViaTunnelError(
-            f"{rec.iface} is already in use with IPv6 {have}; --ipv6 {ipv6} would change "
-            f"the routing of running programs")
-    if dns and split_resolvers(dns) != (rec.dns4, rec.dns6):
-        have = ", ".join(a for a in (rec.dns4, rec.dns6) if a) or "no --dns"
-        raise ViaTunnelError(
-            f"{rec.iface} is already in use with {have}; a different --dns would change "
-            f"the DNS of running programs")
 
 
 def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
@@ -114,7 +99,8 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
                       dns=dns or k.resolvers.link_resolvers(iface))
     rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
                       level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
-                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6, ipv6_asked=ipv6,
+                      created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6,
+                      ipv6_asked=ipv6, gateway_asked=gateway, dns_asked=list(dns),
                       dns4=plan.dns4, dns6=plan.dns6)
     state.save(settings, rec)
     try:

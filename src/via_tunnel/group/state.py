@@ -16,6 +16,7 @@ from via_tunnel.core.settings import MAX_SLOT, Settings
 from via_tunnel.kernel.files import (
     FileLock,
     ensure_dir,
+    read_trusted,
     remove_json,
     remove_orphan_tmp_in,
     write_json,
@@ -28,14 +29,15 @@ class GroupRecord:
     A plain class rather than a dataclass: it is read on every (warm) launch.
     """
 
-    __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "gateway4", "iface",
-                 "ipv6", "ipv6_asked", "level", "mark", "ready", "saved_sysctls", "slot",
-                 "table")
+    __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "dns_asked",
+                 "gateway4", "gateway_asked", "iface", "ipv6", "ipv6_asked", "level", "mark",
+                 "ready", "saved_sysctls", "slot", "table")
 
     def __init__(self, *, iface: str, slot: int, mark: int, table: int, level: int,
                  cgroup: str, cgroup_nft_path: str, created: float,
                  gateway4: str | None = None, ipv6: str = "block", dns4: str | None = None,
                  dns6: str | None = None, ipv6_asked: str | None = None,
+                 gateway_asked: str | None = None, dns_asked: list[str] | None = None,
                  saved_sysctls: dict[str, str] | None = None, ready: bool = False) -> None:
         self.iface = iface
         self.slot = slot
@@ -50,6 +52,11 @@ class GroupRecord:
         self.ipv6_asked = ipv6_asked  # what was asked: auto, tunnel or block (None: older)
         self.dns4 = dns4
         self.dns6 = dns6
+        # What its creator asked (after the config's defaults), which a non-root caller
+        # must ask too to join. dns_asked is None in records of older versions, which
+        # recorded neither: then gateway_asked means nothing either.
+        self.gateway_asked = gateway_asked
+        self.dns_asked = dns_asked
         self.saved_sysctls = saved_sysctls or {}  # per-interface sysctls to put back
         # Set once every part of the group is in place. A record without it is the intent
         # log of a setup that died half-way: never joined, only torn down and rebuilt.
@@ -59,6 +66,12 @@ class GroupRecord:
         """Whether processes may join this group: its setup completed and its cgroup
         exists. Joining a half-built group could send traffic around the tunnel."""
         return self.ready and os.path.isdir(self.cgroup)
+
+    def asked(self) -> tuple[str | None, str | None, tuple[str, ...]] | None:
+        """(gateway, ipv6, dns) as its creator asked them, or None in an older record."""
+        if self.dns_asked is None or self.ipv6_asked is None:
+            return None
+        return self.gateway_asked, self.ipv6_asked, tuple(self.dns_asked)
 
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -81,11 +94,20 @@ def record_path(settings: Settings, iface: str) -> str:
 
 
 def load(settings: Settings, iface: str) -> GroupRecord | None:
-    try:
-        with open(record_path(settings, iface)) as f:
-            return GroupRecord.from_json(f.read())
-    except FileNotFoundError:
+    """The record of ``iface``'s group, or None. Trusted only when it is a regular file in
+    the groups directory that only root may write, and names ``iface``: else
+    ViaTunnelError."""
+    path = record_path(settings, iface)
+    text = read_trusted(path)
+    if text is None:
         return None
+    try:
+        rec = GroupRecord.from_json(text)
+    except (ValueError, TypeError, KeyError):
+        raise ViaTunnelError(f"refusing to trust {path}: not a group record") from None
+    if rec.iface != iface:
+        raise ViaTunnelError(f"refusing to trust {path}: it names {rec.iface!r}")
+    return rec
 
 
 def load_all(settings: Settings) -> list[GroupRecord]:
@@ -96,7 +118,10 @@ def load_all(settings: Settings) -> list[GroupRecord]:
     out = []
     for name in names:
         if name.endswith(".json"):
-            rec = load(settings, name[:-5])
+            try:
+                rec = load(settings, name[:-5])
+            except ViaTunnelError:
+                continue  # not ours to act on (doctor and the daemon's start-up say why)
             if rec is not None:
                 out.append(rec)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 
 from via_tunnel.core import fastjson
 from via_tunnel.core.errors import ViaTunnelError
@@ -17,6 +18,41 @@ from via_tunnel.core.errors import ViaTunnelError
 
 def ensure_dir(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def check_private_dir(path: str) -> None:
+    """Create ``path`` if missing; raise unless it is a real directory (no symlink) owned
+    by root and writable by nobody else: whoever can write it could forge the records the
+    daemon acts on."""
+    ensure_dir(path)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise ViaTunnelError(f"{path} must be a directory that belongs to root and is "
+                             f"writable by root only (refusing to trust it)")
+
+
+def read_trusted(path: str) -> str | None:
+    """The text of the file at ``path`` (None when missing), only if it is a regular file
+    (not a symlink: it stays inside its directory) owned by root or by us and writable by
+    nobody else; raise ViaTunnelError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symlink
+        raise ViaTunnelError(f"refusing to trust {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) \
+                or st.st_mode & 0o022:
+            raise ViaTunnelError(f"refusing to trust {path}: not a regular file of root's "
+                                 f"that only root may write")
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 class FileLock:
@@ -49,7 +85,10 @@ def write_json(path: str, data: object) -> None:
     """Write atomically (rename), so a reader never sees half a file. A crash between the
     write and the rename leaves ``path.tmp``; :func:`remove_json` removes it too."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with open(fd, "w") as f:
+        os.fchmod(fd, 0o644)  # whatever the umask: a record writable by others is not trusted
         f.write(fastjson.dumps(data))
     os.replace(tmp, path)
 

@@ -1,4 +1,4 @@
-"""Facts about processes, read through psutil: a caller's real uid (the daemon), a member's
+"""Facts about processes, read through psutil: a caller's uids (the daemon), a member's
 command line (``status``), whether a program runs (doctor).
 
 Never on the launch hot path: importing psutil alone costs ~30 ms, more than a whole warm
@@ -12,12 +12,13 @@ from __future__ import annotations
 import psutil
 
 
-def real_uid(pid: int) -> int | None:
-    """The real uid of process ``pid``, or None when it is gone."""
+def uids(pid: int) -> tuple[int, int, int] | None:
+    """The real, effective and saved uid of process ``pid``, or None when it is gone."""
     try:
-        return int(psutil.Process(pid).uids().real)
+        u = psutil.Process(pid).uids()
     except (psutil.Error, OSError):
         return None
+    return int(u.real), int(u.effective), int(u.saved)
 
 
 def command_line(pid: int) -> str | None:

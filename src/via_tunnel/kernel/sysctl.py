@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+from via_tunnel.core.errors import UsageError
+from via_tunnel.core.names import validate_ifname
 from via_tunnel.core.settings import Settings
 from via_tunnel.kernel import files
 
@@ -46,10 +48,31 @@ def apply_saving(values: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return saved
 
 
+CONF = "/proc/sys/net/ipv4/conf/"
+RESTORABLE_KEYS = frozenset({"route_localnet"})  # what a group's plan sets (core/plan.py)
+
+
+def restorable(path: str) -> bool:
+    """Whether ``path`` (read from a record) is one a group may have set:
+    ``/proc/sys/net/ipv4/conf/IFNAME/KEY`` with a valid interface name and a known key."""
+    if not isinstance(path, str) or not path.startswith(CONF):
+        return False
+    parts = path[len(CONF):].split("/")
+    if len(parts) != 2 or parts[1] not in RESTORABLE_KEYS or parts[0] in ("all", "default"):
+        return False
+    try:
+        validate_ifname(parts[0])
+    except UsageError:
+        return False
+    return True
+
+
 def put_back(saved: dict[str, str]) -> None:
-    """Restore what :func:`apply_saving` returned; an interface gone meanwhile is fine."""
+    """Restore what :func:`apply_saving` returned; an interface gone meanwhile is fine. Only
+    :func:`restorable` paths with a short value are written (they come from a record)."""
     for path, value in saved.items():
-        if path.startswith("/proc/sys/net/"):
+        if restorable(path) and isinstance(value, str) and value.strip().isdigit() \
+                and len(value) < 16:
             with contextlib.suppress(OSError):
                 write(path, value)
 

@@ -39,6 +39,7 @@ def run(args: LaunchArgs) -> None:
         if answer.get("dns_refused"):
             warn_if_dns_refused(args.iface)
         _warn_if_running(path, os.getuid(), args.iface)
+        _warn_if_inherited(args.iface)
         exec_in_place(path, args.argv)
     from via_tunnel.launch import privdrop
 
@@ -72,7 +73,17 @@ def run(args: LaunchArgs) -> None:
     if target is not None:
         privdrop.drop(target)  # after joining (needs root), right before exec
     _warn_if_running(path, os.getuid(), args.iface)
+    _warn_if_inherited(args.iface)
     exec_in_place(path, args.argv)
+
+
+def _warn_if_inherited(iface: str) -> None:
+    """One line when CMD would inherit an internet socket opened outside the group."""
+    from via_tunnel.kernel.inherited import warning
+
+    line = warning(iface)
+    if line is not None:
+        print(line, file=sys.stderr)
 
 
 def _ensure_watcher(settings: Settings, iface: str, lock_fd: int) -> None:
