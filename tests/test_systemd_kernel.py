@@ -455,11 +455,21 @@ def test_a_launch_leaves_by_the_interface(env: Env, how: str) -> None:
 
 def test_a_root_group_lives_in_systemds_tree(env: Env) -> None:
     """A group outside every slice is a cgroup systemd does not know: it is none of its
-    units, no resource control applies, and it escapes `systemctl` and `systemd-cgls`."""
+    units, no resource control applies, and it escapes `systemctl` and `systemd-cgls`.
+    A group is a scope unit of its own in via-tunnel.slice, for root's launches as for the
+    daemon's."""
+    scope = f"via-tunnel-{IFACE}.scope"
     cgroup = output_of(as_root(env.box, via(*FETCH_SHOWING_CGROUP))).split()[0]
     path = cgroup.removeprefix("0::")
-    assert path.startswith(("/system.slice/", "/user.slice/")), \
+    # (systemd reads the "-" of via-tunnel.slice as nesting: its cgroup is below via.slice)
+    assert path == f"/via.slice/via-tunnel.slice/{scope}", \
         f"root's program ran in {path}, outside systemd's slices"
+    with Prober(env.box, via(), "root") as prober:
+        assert prober.ask() == TUN_ADDR
+        assert unit_state(env.box, scope) == "active"
+        shown = env.box.run(["systemctl", "show", "-p", "ControlGroup", "--value", scope])
+        assert shown.stdout.strip() == path
+        assert str(prober.pid) in env.box.run(["systemctl", "status", scope]).stdout
     wait_clean(env)
 
 

@@ -96,6 +96,7 @@ class GroupPlan:
     dns4: str | None = None  # every DNS query of the group goes here (DNAT), through IFACE
     dns6: str | None = None
     sysctls: tuple[tuple[str, str], ...] = ()  # (path, value) the group needs while it lives
+    classid: int = 0  # net_cls classid of the group's members (0: none, an older record)
 
 
 def plan_group(
@@ -285,8 +286,10 @@ def level_ruleset(level: int) -> str:
     )
 
 
-def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict[str, Any]]:
-    """The nft JSON commands that attach (``add``) or detach (``delete``) one group.
+def group_elements(plan: GroupPlan, verb: Literal["add", "delete"],
+                   cgroup: bool = True) -> list[dict[str, Any]]:
+    """The nft JSON commands that attach (``add``) or detach (``delete``) one group
+    (``cgroup=False``: all but its cgroup2 map element, whose path may be gone).
 
     One list = one transaction. Setup and teardown come from this one function, so they
     always name the same elements.
@@ -301,8 +304,11 @@ def group_elements(plan: GroupPlan, verb: Literal["add", "delete"]) -> list[dict
         element("tx", [{"concat": [plan.mark, plan.iface]}]),
         element("rx", [{"concat": [plan.mark, plan.iface]}]),
         element("iif_marks", [[plan.iface, plan.mark]]),
-        element(level_map_name(plan.level), [[plan.cgroup_nft_path, plan.mark]]),
     ]
+    if cgroup:
+        commands.append(element(level_map_name(plan.level), [[plan.cgroup_nft_path, plan.mark]]))
+    if plan.classid:
+        commands.append(element("classid_marks", [[plan.classid, plan.mark]]))
     if plan.ipv6 == "block":
         commands.append(element("v6_blocked", [plan.mark]))
     if plan.dns4 is not None:
@@ -385,4 +391,5 @@ def levels_in(text: str) -> set[int]:
 def element_names(levels: set[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(sets, maps) that hold groups' elements: what :func:`missing_from` needs listed."""
     return (("group_oifs", "tx", "rx", "v6_blocked"),
-            ("iif_marks", "dns4", "dns6", *(level_map_name(lv) for lv in sorted(levels))))
+            ("iif_marks", "dns4", "dns6", "classid_marks",
+             *(level_map_name(lv) for lv in sorted(levels))))

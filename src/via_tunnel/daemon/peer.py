@@ -17,8 +17,11 @@ import socket
 import struct
 
 from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.settings import Settings
 from via_tunnel.daemon.log import log
-from via_tunnel.kernel import cgroup, procs
+from via_tunnel.group import state
+from via_tunnel.group.state import GroupRecord
+from via_tunnel.kernel import procs
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in Python 3.11
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
@@ -87,18 +90,26 @@ def _exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def move(peer: Peer, path: str) -> None:
-    """Move exactly the calling process into the cgroup at ``path``.
+def check(peer: Peer) -> None:
+    """Raise unless the caller is alive and still the user it connected as. The PID may be
+    handed on (to systemd, as a new scope's first member) only between this check and the
+    one :func:`move` makes after the move."""
+    if _exited(peer.pidfd):
+        raise ViaTunnelError("the calling process exited")
+    if procs.real_uid(peer.pid) != peer.uid:
+        raise ViaTunnelError("the calling process changed its identity")
+
+
+def move(peer: Peer, settings: Settings, rec: GroupRecord) -> None:
+    """Move exactly the calling process into the group of ``rec`` (its cgroup2 group and
+    its net_cls cgroup: state.enter).
 
     cgroup.procs takes a PID number, so the number must still name the caller when it is
     written: the pidfd proves the caller was alive before the uid check and after the
     write, and a live process's PID cannot be reused in between.
     """
+    check(peer)
+    state.enter(settings, rec, peer.pid)
     if _exited(peer.pidfd):
-        raise ViaTunnelError("the calling process exited")
-    if procs.real_uid(peer.pid) != peer.uid:
-        raise ViaTunnelError("the calling process changed its identity")
-    cgroup.join(path, peer.pid)
-    if _exited(peer.pidfd):
-        log(f"{peer}: exited while it was being moved into {path}")
+        log(f"{peer}: exited while it was being moved into {rec.cgroup}")
         raise ViaTunnelError("the calling process exited")

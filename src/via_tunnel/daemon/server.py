@@ -46,7 +46,7 @@ from via_tunnel.core.wire import is_ping
 from via_tunnel.core.wire import socket_path as default_socket_path
 from via_tunnel.daemon.listen import own_socket, systemd_socket
 from via_tunnel.daemon.log import log
-from via_tunnel.daemon.peer import Peer, move, peer_of
+from via_tunnel.daemon.peer import Peer, check, move, peer_of
 from via_tunnel.group import lifecycle, state, watcher
 
 MAX_REQUEST = 64 * 1024
@@ -142,11 +142,14 @@ class Daemon:
         check_link(req.iface)
         with state.locked(self.settings):
             # Reuses a live group (refusing options that would change the routing of the
-            # programs already in it), rebuilds a stale one, creates a missing one.
+            # programs already in it), rebuilds a stale one, creates a missing one (on a
+            # systemd host a scope, started with the caller in it: checked first).
+            check(peer)
             rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
-                                         ipv6=req.ipv6, dns=req.dns)  # type: ignore[arg-type]
+                                         ipv6=req.ipv6, dns=req.dns,  # type: ignore[arg-type]
+                                         first_pid=peer.pid)
             self.ensure_watcher(req.iface)
-            move(peer, rec.cgroup)
+            move(peer, self.settings, rec)
         return {"ok": True, "iface": req.iface, "cgroup": rec.cgroup,
                 "dns_refused": rec.dns4 is None and rec.dns6 is None}
 

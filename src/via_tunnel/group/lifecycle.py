@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from typing import Any
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
 from via_tunnel.core.plan import (
@@ -43,34 +44,47 @@ from via_tunnel.core.settings import (
     NFT_FAMILY,
     NFT_TABLE,
     Settings,
+    classid_for_slot,
     mark_for_slot,
     table_for_slot,
 )
-from via_tunnel.group import adapters, state
+from via_tunnel.group import adapters, placement, state
+from via_tunnel.group.placement import GROUP_PREFIX, group_path
 from via_tunnel.group.state import GroupRecord
 
-GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
-
-
-def group_path(settings: Settings, mount: str, iface: str) -> str:
-    return os.path.join(mount, settings.cgroup_subtree, GROUP_PREFIX + iface)
+__all__ = ["GROUP_PREFIX", "group_path"]
 
 
 def ensure_group(
     settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto",
-    dns: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (), first_pid: int | None = None,
 ) -> GroupRecord:
     """Return the active group of ``iface``, creating it if needed. Caller holds the lock.
+    ``first_pid``: the process that joins next (a scope is started with it; placement.py).
 
     On any failure everything this call added is removed again before the error propagates.
     """
     rec = state.load(settings, iface)
     if rec is not None:
+        if rec.ready and not rec.usable() and placement.in_use(settings, rec):
+            _revive(settings, rec, first_pid)  # its cgroup2 group is gone, not its members
         if rec.usable():
             check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
             return rec
         teardown(settings, rec)  # a crash left it stale or half-built: start clean
-    return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
+    return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns, first_pid=first_pid)
+
+
+def _revive(settings: Settings, rec: GroupRecord, first_pid: int | None) -> None:
+    """The group's cgroup2 group is gone (systemd removed the emptied scope) while members
+    moved out of it live on (net_cls): make it again for the next member, and point the
+    level's map at the new cgroup (nft keyed the old element by the old one's id)."""
+    k = adapters.current()
+    placement.make(settings, rec, first_pid)
+    same_level = [_plan_of(r) for r in state.load_all(settings)
+                  if r.level == rec.level and r.usable()]
+    k.nft.run_json(placement.rebuilt_level_map(rec.level, same_level))
+    state.save(settings, rec)
 
 
 def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = "auto",
@@ -96,7 +110,9 @@ def check_compatible(rec: GroupRecord, *, gateway: str | None, ipv6: IPv6Mode = 
 
 
 def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
-            dns: tuple[str, ...]) -> GroupRecord:
+            dns: tuple[str, ...], first_pid: int | None = None) -> GroupRecord:
+    import dataclasses
+
     from via_tunnel.core.plan import plan_group
 
     k = adapters.current()
@@ -110,22 +126,28 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     plan = plan_group(facts, slot=slot, level=k.cgroup.level_of(path, mount),
                       cgroup_nft_path=k.cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
                       dns=dns or k.resolvers.link_resolvers(iface))
+    plan = dataclasses.replace(plan, classid=classid_for_slot(slot))
     rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
                       level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
                       created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6, ipv6_asked=ipv6,
-                      dns4=plan.dns4, dns6=plan.dns6)
+                      dns4=plan.dns4, dns6=plan.dns6, netcls=placement.netcls_rel(settings, iface),
+                      classid=plan.classid)
     state.save(settings, rec)
+    home = k.cgroup.own_cgroup(mount, first_pid) if first_pid is not None else None
     try:
         k.sysctl.ensure()
         if plan.sysctls:
             rec.saved_sysctls = k.sysctl.apply_saving(plan.sysctls)
             state.save(settings, rec)
-        k.cgroup.make(path)
+        placement.make(settings, rec, first_pid)
+        state.save(settings, rec)
         k.netlink.apply(plan.rules + shared_rules(), plan.routes)
         _nft_attach(k.nft, plan)
         rec.ready = True
         state.save(settings, rec)
     except BaseException:
+        with contextlib.suppress(Exception):
+            placement.put_back(home, first_pid)
         with contextlib.suppress(Exception):
             teardown(settings, rec)
         raise
@@ -144,7 +166,7 @@ def _plan_of(rec: GroupRecord) -> GroupPlan:
                      level=rec.level, cgroup_nft_path=rec.cgroup_nft_path,
                      rules=group_rules(rec.mark, rec.table), routes=(),
                      ipv6="tunnel" if rec.ipv6 == "tunnel" else "block",
-                     dns4=rec.dns4, dns6=rec.dns6)
+                     dns4=rec.dns4, dns6=rec.dns6, classid=rec.classid)
 
 
 def teardown(settings: Settings, rec: GroupRecord) -> None:
@@ -155,36 +177,39 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
         rec.ready = False
         state.save(settings, rec)
-    k.flows.kill_sockets(rec.cgroup)
+    k.flows.kill_sockets(rec.cgroup, rec.cgroup_id)
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
     nft_error: ViaTunnelError | None = None
     try:
         if k.nft.table_exists():
             if not others:
                 k.nft.run_json([k.nft.delete_table_command()])
-            else:
-                _nft_detach(k.nft, plan)
+            elif k.cgroup.cgroup_id(rec.cgroup):
+                _nft_detach(k.nft, group_elements(plan, "delete"))
+            else:  # its cgroup is gone, and with it the path nft could delete it by
+                rebuilt = placement.rebuilt_level_map(
+                    rec.level, [_plan_of(r) for r in others if r.usable()])
+                _nft_detach(k.nft, group_elements(plan, "delete", cgroup=False) + rebuilt)
     except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same
         nft_error = exc
     k.netlink.remove(plan.rules, [rec.table])
     if not others:
         k.netlink.remove(shared_rules()[::-1], [])
     k.sysctl.put_back(rec.saved_sysctls)
-    k.cgroup.remove(rec.cgroup)
+    placement.remove(settings, rec)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state.watcher_lock_path(settings, rec.iface))
     state.delete(settings, rec.iface)
     if not others:
         k.sysctl.forget_saved(settings)
-        k.cgroup.remove_if_empty(os.path.dirname(rec.cgroup))  # our subtree
+        placement.release(settings, os.path.dirname(rec.cgroup))  # our subtree
     if nft_error is not None:
         raise nft_error
 
 
-def _nft_detach(nft: adapters.Nft, plan: GroupPlan) -> None:
+def _nft_detach(nft: adapters.Nft, commands: list[dict[str, Any]]) -> None:
     """Delete the group's elements: one transaction, or element by element when some are
     already gone (cleanup after a crash) so the rest still goes."""
-    commands = group_elements(plan, "delete")
     try:
         nft.run_json(commands)
     except KernelError:
@@ -292,7 +317,7 @@ def teardown_if_empty(settings: Settings, iface: str) -> bool:
     rec = state.load(settings, iface)
     if rec is None:
         return True
-    if adapters.current().cgroup.populated(rec.cgroup):
+    if placement.in_use(settings, rec):
         return False
     teardown(settings, rec)
     return True
@@ -309,7 +334,7 @@ def cleanup(settings: Settings) -> list[str]:
     done: list[str] = []
     records = state.load_all(settings)
     for rec in records:
-        if not k.cgroup.populated(rec.cgroup):
+        if not placement.in_use(settings, rec):
             teardown(settings, rec)
             done.append(f"removed group {rec.iface}")
     live = state.load_all(settings)
@@ -330,7 +355,7 @@ def cleanup(settings: Settings) -> list[str]:
             if not k.cgroup.populated(child):
                 k.cgroup.remove(child)
                 done.append(f"removed cgroup {child}")
-        k.cgroup.remove_if_empty(subtree_path(settings))
+        placement.release(settings, subtree_path(settings))
     return done
 
 
@@ -356,5 +381,6 @@ def group_cgroups(settings: Settings) -> list[str]:
         names = sorted(os.listdir(subtree))
     except FileNotFoundError:
         return []
+    prefix = "via-tunnel-" if settings.scopes else GROUP_PREFIX
     return [os.path.join(subtree, n) for n in names
-            if n.startswith(GROUP_PREFIX) and os.path.isdir(os.path.join(subtree, n))]
+            if n.startswith(prefix) and os.path.isdir(os.path.join(subtree, n))]
