@@ -93,6 +93,10 @@ class _Nft(_Part):
         self.k.call("nft.run_json")
         for command in commands:
             (verb, body), = command.items()
+            if verb == "flush":  # a map: all its elements
+                name = body["map"]["name"]
+                self.k.elements = {e for e in self.k.elements if json.loads(e)["name"] != name}
+                continue
             if "table" in body:
                 self.k.table, self.k.elements = False, set()
                 continue
@@ -195,6 +199,9 @@ class _Cgroup(_Part):
 
 class _NetCls(_Part):
     """net_cls cgroups: a set of names (``escaped`` holds those with a process)."""
+
+    def require(self) -> None:
+        pass
 
     def ensure(self, state_dir: str, rel: str, classid: int) -> str:
         self.k.call("netcls.ensure")
@@ -391,6 +398,28 @@ def test_a_populated_group_is_not_torn_down(settings: Settings, fake: FakeKernel
     fake.populated_groups.clear()
     assert lifecycle.teardown_if_empty(settings, "tun0") is True
     assert fake.model() == EMPTY
+
+
+def test_a_member_moved_out_keeps_the_group_and_a_vanished_cgroup_is_no_obstacle(
+        settings: Settings, fake: FakeKernel) -> None:
+    """systemd removed the emptied scope's cgroup while a member moved elsewhere lives on
+    in the group's net_cls cgroup: the group stays; once that member is gone, teardown
+    removes the group's cgroup2 map element by rebuilding the map (nft cannot delete it by
+    a path that no longer exists), keeping the other group's."""
+    fake.populated_groups.add(lifecycle.ensure_group(settings, "tun1").cgroup)
+    elements_of_tun1 = set(fake.elements)
+    rec = lifecycle.ensure_group(settings, "tun0")
+    fake.escaped.add(rec.netcls or "")
+    os.rmdir(rec.cgroup)
+    fake.cgroups.discard(rec.cgroup)
+    assert lifecycle.teardown_if_empty(settings, "tun0") is False
+    assert lifecycle.cleanup(settings) == []
+    assert state.load(settings, "tun0") is not None
+    fake.escaped.clear()
+    fake.log.clear()
+    assert lifecycle.teardown_if_empty(settings, "tun0") is True
+    assert fake.elements == elements_of_tun1
+    assert [n for n, _ in fake.log].count("nft.run_json") == 1  # one transaction
 
 
 def test_repair_brings_back_what_was_removed_but_never_a_group_being_torn_down(

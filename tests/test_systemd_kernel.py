@@ -473,6 +473,17 @@ def test_a_root_group_lives_in_systemds_tree(env: Env) -> None:
     wait_clean(env)
 
 
+def test_doctor_says_groups_are_scopes_and_net_cls_is_there(env: Env) -> None:
+    report = json.loads(output_of(as_root(env.box, ["via-tunnel", "doctor", "--json"])))
+    checks = {c["name"]: c for c in report["checks"]}
+    assert "pure v2" in checks["cgroup2"]["detail"]
+    placement = checks["placement"]
+    assert placement["status"] == "ok", placement
+    assert "systemd is PID 1: each group is a scope unit via-tunnel-IFACE.scope in " \
+        "via-tunnel.slice (/sys/fs/cgroup/via.slice/via-tunnel.slice)" in placement["detail"]
+    assert checks["net_cls"]["status"] == "ok", checks["net_cls"]
+
+
 def test_a_user_not_in_the_policy_is_refused(env: Env) -> None:
     with Capture(env.far, "far-tun", f"host {ECHO}") as tun, \
             Capture(env.far, "far-lan", f"host {ECHO}") as lan:

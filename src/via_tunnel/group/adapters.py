@@ -111,6 +111,9 @@ class NetCls(Protocol):
     """The cgroup v1 net_cls hierarchy (kernel/netcls.py); ``rel`` names a cgroup relative
     to its mount. ViaTunnelError where the kernel has no net_cls (fail closed)."""
 
+    def require(self) -> None:
+        """ViaTunnelError unless the kernel has net_cls (before any change)."""
+
     def ensure(self, state_dir: str, rel: str, classid: int) -> str:
         """Make the cgroup with ``classid`` (mounting the hierarchy if needed)."""
 

@@ -119,6 +119,7 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     # Every prerequisite before the first change: a missing binding must not leave rules,
     # routes and a cgroup behind (the interface's facts below need rtnetlink too).
     k.nft.preload()
+    k.netcls.require()  # fail closed: without net_cls a moved member would leak
     mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
     slot = state.free_slot(state.load_all(settings))

@@ -57,6 +57,12 @@ def unavailable_reason() -> str:
             "(systemd-run --scope, flatpak): refusing to start one that could leak")
 
 
+def require() -> None:
+    """Raise (exit 125) unless this kernel has net_cls: checked before a group is made."""
+    if not available():
+        raise ViaTunnelError(unavailable_reason())
+
+
 def own_mount_point(state_dir: str) -> str:
     return os.path.join(state_dir, MOUNT_DIR)
 
