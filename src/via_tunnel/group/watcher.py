@@ -80,6 +80,8 @@ def _detach() -> None:
     with contextlib.suppress(Exception):
         mount = cgroup.cgroup2_mount()
         cgroup.join(mount)  # out of the caller's session scope, out of every group
+    with contextlib.suppress(Exception):
+        netcls.leave(0)  # a launcher that joined a group before it forked us: not a member
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
