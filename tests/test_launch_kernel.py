@@ -332,7 +332,7 @@ WARM_LAUNCH_MODULES = [
     "via_tunnel.core.launch_form", "via_tunnel.launch", "via_tunnel.kernel",
     "via_tunnel.kernel.execs", "via_tunnel.kernel.ifflags", "via_tunnel.launch.launcher",
     "via_tunnel.core.settings", "via_tunnel.group", "via_tunnel.kernel.files",
-    "via_tunnel.group.state", "via_tunnel.kernel.cgroup", "via_tunnel.launch.privdrop",
+    "via_tunnel.group.state", "via_tunnel.launch.privdrop", "via_tunnel.kernel.cgroup",
     "via_tunnel.kernel.resolvers", "via_tunnel.kernel.instances",
 ]
 # Standard modules a warm launch may not pull in (each costs more than the launch itself,
