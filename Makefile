@@ -7,7 +7,7 @@
 # The program lives in a venv (VENV) made from Debian's python3 with
 # --system-site-packages, so that the nftables binding of python3-nftables is visible;
 # $(BINDIR)/via-tunnel is a symlink to it. Needs: python3-venv python3-nftables nftables
-# iproute2 (scripts/lib.sh RUNTIME_DEBS). With DESTDIR the tree is staged for packaging:
+# iproute2 python3-dbus (scripts/lib.sh RUNTIME_DEBS). With DESTDIR the tree is staged for packaging:
 # the venv's scripts name $(VENV), not the staging directory.
 
 PREFIX ?= /usr/local
@@ -29,7 +29,7 @@ endif
 FISHDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 MAN1DIR = $(PREFIX)/share/man/man1
 UNITDIR = $(PREFIX)/lib/systemd/system
-UNITS = via-tunnel.service via-tunnel.socket via-tunnel-gateway@.service
+UNITS = via-tunnel.service via-tunnel.socket via-tunnel.slice via-tunnel-gateway@.service
 
 .PHONY: all install install-program install-data uninstall completions check-completions
 

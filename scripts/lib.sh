@@ -2,7 +2,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RUNTIME_DEBS=(nftables python3-nftables python3-venv iproute2 util-linux conntrack)
+RUNTIME_DEBS=(nftables python3-nftables python3-venv python3-dbus iproute2 util-linux conntrack)
 TEST_DEBS=(openvpn tcpdump curl socat desktop-file-utils procps sudo passwd bash-completion zsh fish groff make
            shellcheck wireguard-go wireguard-tools
            systemd dbus libpam-systemd dbus-user-session)

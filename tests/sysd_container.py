@@ -292,6 +292,7 @@ class SystemdContainer:
             self._console_fd = None
         self._kill_group()
         _remove_tree(self.group)
+        remove_netcls_keeper(os.path.basename(self.group))
         self._pid = None
 
     def _kill_group(self) -> None:
@@ -299,6 +300,15 @@ class SystemdContainer:
         if os.path.exists(kill):
             with open(kill, "w") as f:
                 f.write("1")
+
+
+def remove_netcls_keeper(name: str) -> None:
+    """Remove the net_cls cgroup ``name`` that kept that hierarchy alive for a container
+    (sysd_init.sh), from a private mount namespace (no mount is left on the host)."""
+    script = ('d=$(mktemp -d) && mount -t cgroup -o net_cls vtsysd "$d" 2>/dev/null && '
+              '{ rmdir "$d/$1" 2>/dev/null; umount "$d"; }; rmdir "$d"')
+    _host_run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+               name], timeout=10)
 
 
 def remove_stale_groups() -> list[str]:
@@ -313,6 +323,7 @@ def remove_stale_groups() -> list[str]:
             with open(os.path.join(path, "cgroup.kill"), "w") as f:
                 f.write("1")
             _remove_tree(path)
+            remove_netcls_keeper(entry)
             removed.append(path)
     return removed
 

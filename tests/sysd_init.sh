@@ -44,7 +44,23 @@ outer() {
 payload() {
     local group=$1 name=$2
     echo 0 > "$group/payload/cgroup.procs"
+    keep_netcls "${group##*/}"
     exec unshare --cgroup -- "$0" rootfs "$name"
+}
+
+# A cgroup v1 hierarchy can be created only from the initial cgroup namespace; one that
+# exists can be mounted from any. The container's via-tunnel mounts net_cls (kernel/netcls.py),
+# as a host's does from the initial namespace: make sure the hierarchy exists, kept alive by
+# a child cgroup named after the host group (sysd_container.py removes it). Best effort: a
+# host that mounts net_cls co-mounted with other controllers has it already.
+keep_netcls() {
+    local keep=$1 dir
+    dir=$(mktemp -d)
+    if mount -t cgroup -o net_cls vtsysd "$dir" 2>/dev/null; then
+        mkdir -p "$dir/$keep"
+        umount "$dir"
+    fi
+    rmdir "$dir"
 }
 
 make_dev() {

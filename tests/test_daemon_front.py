@@ -21,6 +21,7 @@ from via_tunnel.daemon import front as front_mod
 from via_tunnel.daemon import log as log_mod
 from via_tunnel.daemon import peer as peer_mod
 from via_tunnel.group import state
+from via_tunnel.group.state import GroupRecord
 from via_tunnel.kernel import files, sysctl
 
 
@@ -98,6 +99,11 @@ def test_the_state_dir_must_be_roots_alone(tmp_path: Path) -> None:
         files.check_private_dir(str(tmp_path / "link"))
 
 
+def _record(cgroup: str) -> GroupRecord:
+    return GroupRecord(iface="vlan3", slot=1, mark=0x8100_0000, table=0x7674_0001, level=2,
+                       cgroup=cgroup, cgroup_nft_path="x", created=0.0, ready=True)
+
+
 def test_a_pid_reused_during_the_move_is_moved_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller exits between the checks and the write; its PID now names another
     process, which the write put into the group: it goes back where the caller was."""
@@ -109,9 +115,10 @@ def test_a_pid_reused_during_the_move_is_moved_back(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(peer_mod.cgroup, "own_cgroup", lambda mount, pid: "/cg/user.slice")
     monkeypatch.setattr(peer_mod.cgroup, "join", lambda path, pid: writes.append((path, pid)))
     monkeypatch.setattr(peer_mod.cgroup, "members", lambda path: [4242])
+    monkeypatch.setattr(peer_mod.cgroup, "join_netcls", lambda rel, pid: False)
     peer = peer_mod.Peer(4242, 1000, 1000, -1, "alice", frozenset())
     with pytest.raises(ViaTunnelError, match="exited"):
-        peer_mod.move(peer, "/cg/via-tunnel/if-vlan3")
+        peer_mod.move(peer, Settings(), _record("/cg/via-tunnel/if-vlan3"))
     assert writes == [("/cg/via-tunnel/if-vlan3", 4242), ("/cg/user.slice", 4242)]
 
 
@@ -119,7 +126,8 @@ def test_a_setuid_exec_is_not_moved(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(peer_mod, "_exited", lambda fd: False)
     monkeypatch.setattr(peer_mod.procs, "uids", lambda pid: (1000, 0, 0))
     with pytest.raises(ViaTunnelError, match="changed its identity"):
-        peer_mod.move(peer_mod.Peer(1, 1000, 1000, -1, None, frozenset()), "/cg/x")
+        peer_mod.move(peer_mod.Peer(1, 1000, 1000, -1, None, frozenset()), Settings(),
+                      _record("/cg/x"))
 
 
 def _front(tmp_path: Path, spawn: Any) -> tuple[front_mod.Front, str]:

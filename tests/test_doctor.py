@@ -354,3 +354,56 @@ def test_foreign_marks_verdicts() -> None:
     assert bad[0].detail.startswith("table inet x chain c (handle 4) sets bit 31 of the "
                                     "connection mark")
     assert "packet mark" in bad[1].detail and all(c.fix for c in bad)
+
+
+# ----------------------------------------------------------------- host: init, placement, net_cls
+
+PROC_CGROUPS = ("#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t3\t1\t1\n"
+                "net_cls\t{hier}\t1\t{enabled}\n")
+
+
+def test_placement_on_a_systemd_host_is_a_scope_in_our_slice() -> None:
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.doctor.host import placement_verdict
+
+    scopes = Settings(cgroup_subtree="via.slice/via-tunnel.slice", scopes=True)
+    c = placement_verdict(True, scopes, "/sys/fs/cgroup", dbus=True)
+    assert c.status == OK and "via-tunnel-IFACE.scope in via-tunnel.slice" in c.detail
+    assert "/sys/fs/cgroup/via.slice/via-tunnel.slice" in c.detail
+    assert placement_verdict(True, scopes, "/sys/fs/cgroup", dbus=False).status == FAIL
+    plain = Settings(cgroup_subtree="via-tunnel")
+    c = placement_verdict(False, plain, "/sys/fs/cgroup/unified", dbus=False)
+    assert c.status == OK and "no systemd" in c.detail
+    assert "/sys/fs/cgroup/unified/via-tunnel/if-IFACE" in c.detail
+    c = placement_verdict(True, Settings(cgroup_subtree="lab"), "/sys/fs/cgroup", dbus=True)
+    assert "VIA_TUNNEL_CGROUP is set" in c.detail
+
+
+def test_net_cls_missing_fails_and_says_where_it_is_mounted() -> None:
+    from via_tunnel.doctor.host import netcls_verdict
+
+    own = "/run/via-tunnel/net_cls"
+    assert netcls_verdict("cpuset\t3\t1\t1\n", None, own).status == FAIL
+    disabled = PROC_CGROUPS.format(hier=0, enabled=0)
+    c = netcls_verdict(disabled, None, own)
+    assert c.status == FAIL and "refusing" in c.detail and c.fix
+    enabled = PROC_CGROUPS.format(hier=0, enabled=1)
+    assert "not mounted" in netcls_verdict(enabled, None, own).detail
+    assert "mounted by via-tunnel" in netcls_verdict(enabled, own, own).detail
+    c = netcls_verdict(enabled, "/sys/fs/cgroup/net_cls,net_prio", own)
+    assert c.status == OK and "/sys/fs/cgroup/net_cls,net_prio (used as it is)" in c.detail
+
+
+def test_net_cls_mount_is_found_alone_or_co_mounted() -> None:
+    from via_tunnel.kernel.cgroup import parse_netcls_mount
+
+    lines = [
+        "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
+        "41 31 0:38 / /sys/fs/cgroup/net_cls,net_prio rw - cgroup cgroup rw,net_cls,net_prio",
+        "50 23 0:40 / /run/via-tunnel/net_cls rw - cgroup via-tunnel rw,net_cls",
+    ]
+    assert parse_netcls_mount(lines) == "/sys/fs/cgroup/net_cls,net_prio"
+    assert parse_netcls_mount(lines, exact="/run/via-tunnel/net_cls") == \
+        "/run/via-tunnel/net_cls"
+    assert parse_netcls_mount(lines[:1]) is None
+    assert parse_netcls_mount(["60 23 0:41 / /x rw - cgroup2 cgroup2 rw,net_cls"]) is None

@@ -119,7 +119,8 @@ def test_clean_lab_no_fail_and_doctor_changes_nothing(lab: Lab, denv: dict[str, 
     assert elapsed < 3
     assert rc == 0 and fails(checks) == []
     names = {c["name"] for c in checks}
-    for want in ("cgroup2", "nft-binding", "kernel:socket-cgroupv2", "kernel:nat",
+    for want in ("cgroup2", "placement", "net_cls", "nft-binding", "kernel:socket-cgroupv2",
+                 "kernel:nat",
                  "kernel:conntrack-marks", "kernel:ruleset", "rp_filter", "ip-rules",
                  "nft-marks",
                  "networkd", "leftovers", "daemon", "iface:up", "iface:ipv4", "iface:ipv6",
@@ -127,6 +128,12 @@ def test_clean_lab_no_fail_and_doctor_changes_nothing(lab: Lab, denv: dict[str, 
         assert want in names
     assert all(c["status"] == "ok" for c in checks if c["name"].startswith("kernel:"))
     assert one(checks, "cgroup2")["detail"].startswith(f"cgroup2 mounted at {cgroup2_mount()}")
+    # no systemd on this machine, and the lab names its own subtree
+    subtree = f"{cgroup2_mount()}/{denv['VIA_TUNNEL_CGROUP']}/if-IFACE"
+    assert f"no systemd as PID 1: groups are plain cgroups {subtree}" \
+        in one(checks, "placement")["detail"]
+    netcls = one(checks, "net_cls")
+    assert netcls["status"] == "ok" and "net_cls available" in netcls["detail"]
     # The lab's client is strict with src_valid_mark 1: fine, and explained.
     rp = one(checks, "rp_filter")
     assert rp["status"] == "ok" and "strict" in rp["detail"]

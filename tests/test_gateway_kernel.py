@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from helpers import via, via_popen
 
-from via_tunnel.core.plan import base_ruleset, level_ruleset
+from via_tunnel.core.nftplan import base_ruleset, level_ruleset
 from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
 from via_tunnel.lab.capture import Capture
 from via_tunnel.lab.netlab import Lab

@@ -28,7 +28,8 @@ DATA = {
     f"{PREFIX}/share/fish/vendor_completions.d/via-tunnel.fish": "completions/via-tunnel.fish",
     f"{PREFIX}/share/man/man1/via-tunnel.1": "man/via-tunnel.1",
 }
-UNITS = ["via-tunnel.service", "via-tunnel.socket", "via-tunnel-gateway@.service"]
+UNITS = ["via-tunnel.service", "via-tunnel.socket", "via-tunnel.slice",
+         "via-tunnel-gateway@.service"]
 
 
 def files_under(root: Path) -> set[str]:

@@ -333,7 +333,7 @@ WARM_LAUNCH_MODULES = [
     "via_tunnel.kernel.execs", "via_tunnel.kernel.ifflags", "via_tunnel.launch.launcher",
     "via_tunnel.core.settings", "via_tunnel.group", "via_tunnel.core.fastjson",
     "via_tunnel.kernel.files",
-    "via_tunnel.group.state", "via_tunnel.kernel.cgroup", "via_tunnel.launch.privdrop",
+    "via_tunnel.group.state", "via_tunnel.launch.privdrop", "via_tunnel.kernel.cgroup",
     "via_tunnel.kernel.resolvers", "via_tunnel.kernel.instances",
     "via_tunnel.kernel.inherited",
 ]

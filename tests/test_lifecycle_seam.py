@@ -43,6 +43,8 @@ class FakeKernel:
         self.fail_on: str | None = None
         self.global_sysctl = False
         self.cgroups: set[str] = set()
+        self.netcls: set[str] = set()
+        self.escaped: set[str] = set()  # net_cls cgroups with a process moved out of cgroup2
         self.populated_groups: set[str] = set()
         self.rules: set[RuleSpec] = set()
         self.routes: set[RouteSpec] = set()
@@ -54,7 +56,7 @@ class FakeKernel:
     def model(self) -> dict[str, Any]:
         """What a group leaves in the kernel (src_valid_mark, raised once and never
         lowered, is not part of it)."""
-        return {"cgroups": sorted(self.cgroups),
+        return {"cgroups": sorted(self.cgroups), "netcls": sorted(self.netcls),
                 "rules": len(self.rules), "routes": len(self.routes), "table": self.table,
                 "elements": sorted(self.elements)}
 
@@ -70,7 +72,8 @@ class FakeKernel:
     def adapters(self) -> adapters.Kernel:
         return adapters.Kernel(nft=_Nft(self), netlink=_Netlink(self), cgroup=_Cgroup(self),
                                sysctl=_Sysctl(self), flows=_Flows(self),
-                               resolvers=_Resolvers())
+                               resolvers=_Resolvers(), netcls=_NetCls(self),
+                               scopes=_Scopes(self))
 
 
 class _Part:
@@ -90,6 +93,10 @@ class _Nft(_Part):
         self.k.call("nft.run_json")
         for command in commands:
             (verb, body), = command.items()
+            if verb == "flush":  # a map: all its elements
+                name = body["map"]["name"]
+                self.k.elements = {e for e in self.k.elements if json.loads(e)["name"] != name}
+                continue
             if "table" in body:
                 self.k.table, self.k.elements = False, set()
                 continue
@@ -180,6 +187,53 @@ class _Cgroup(_Part):
     def populated(self, path: str) -> bool:
         return path in self.k.populated_groups
 
+    def cgroup_id(self, path: str) -> int:
+        return os.stat(path).st_ino if os.path.isdir(path) else 0
+
+    def own_cgroup(self, mount: str, pid: int | str = "self") -> str:
+        return mount
+
+    def join(self, path: str, pid: int = 0) -> None:
+        self.k.call("cgroup.join")
+
+
+class _NetCls(_Part):
+    """net_cls cgroups: a set of names (``escaped`` holds those with a process)."""
+
+    def require(self) -> None:
+        pass
+
+    def ensure(self, state_dir: str, rel: str, classid: int) -> str:
+        self.k.call("netcls.ensure")
+        self.k.netcls.add(rel)
+        return rel
+
+    def join(self, rel: str, pid: int) -> None:
+        self.k.call("netcls.join")
+
+    def leave(self, pid: int) -> None:
+        self.k.call("netcls.leave")
+
+    def tasks(self, state_dir: str, rel: str | None) -> list[int]:
+        return [1] if rel in self.k.escaped else []
+
+    def remove(self, state_dir: str, rel: str | None) -> None:
+        self.k.call("netcls.remove")
+        if rel in self.k.escaped:
+            raise ViaTunnelError(f"cgroup {rel} still has processes")
+        self.k.netcls.discard(rel or "")
+
+    def release(self, state_dir: str, subtree: str) -> None:
+        self.k.call("netcls.release")
+
+
+class _Scopes(_Part):
+    def start_scope(self, unit: str, slice_name: str, pid: int, path: str,
+                    mount: str) -> None:
+        self.k.call("scopes.start_scope")
+        os.makedirs(path, exist_ok=True)
+        self.k.cgroups.add(path)
+
 
 class _Sysctl(_Part):
     def ensure(self) -> None:
@@ -198,7 +252,7 @@ class _Sysctl(_Part):
 
 
 class _Flows(_Part):
-    def kill_sockets(self, cgroup_path: str) -> None:
+    def kill_sockets(self, cgroup_path: str, cgroup_id: int = 0) -> None:
         self.k.call("flows.kill_sockets")
         self.k.sockets_killed.append(cgroup_path)
 
@@ -225,16 +279,17 @@ def fake(settings: Settings, tmp_path: Path) -> Iterator[FakeKernel]:
         yield k
 
 
-EMPTY = {"cgroups": [], "rules": 0, "routes": 0, "table": False, "elements": []}
-SETUP = ["sysctl.ensure", "cgroup.make", "netlink.apply", "nft.ensure_table", "nft.run_json"]
+EMPTY = {"cgroups": [], "netcls": [], "rules": 0, "routes": 0, "table": False, "elements": []}
+SETUP = ["sysctl.ensure", "netcls.ensure", "cgroup.make", "netlink.apply", "nft.ensure_table",
+         "nft.run_json"]
 
 
 def test_the_real_adapters_are_the_kernel_modules() -> None:
-    from via_tunnel.kernel import cgroup, flows, netlink, nft, resolvers, sysctl
+    from via_tunnel.kernel import cgroup, flows, netcls, netlink, nft, resolvers, sysctl, systemd
 
     k = adapters.current()
-    assert (k.nft, k.netlink, k.cgroup, k.sysctl, k.flows, k.resolvers) == (
-        nft, netlink, cgroup, sysctl, flows, resolvers)
+    assert (k.nft, k.netlink, k.cgroup, k.sysctl, k.flows, k.resolvers, k.netcls,
+            k.scopes) == (nft, netlink, cgroup, sysctl, flows, resolvers, netcls, systemd)
 
 
 def test_setup_writes_the_record_first_and_marks_it_ready_last(
@@ -248,7 +303,7 @@ def test_setup_writes_the_record_first_and_marks_it_ready_last(
     # ... and the record is ready only once everything is in place
     on_disk = state.load(settings, "tun0")
     assert rec.ready and on_disk is not None and on_disk.ready
-    assert fake.table and len(fake.elements) == 6 and fake.rules and fake.routes
+    assert fake.table and len(fake.elements) == 7 and fake.rules and fake.routes
     assert fake.cgroups == {rec.cgroup}
 
 
@@ -306,8 +361,8 @@ def test_teardown_clears_ready_first_and_deletes_the_record_last(
     with_record = [name for name, seen in fake.log if seen == (("tun0", False),)]
     after = [name for name, seen in fake.log if seen == ()]
     assert names == with_record + after
-    assert with_record[-1] == "cgroup.remove"
-    assert after == ["sysctl.forget_saved", "cgroup.remove_if_empty"]
+    assert with_record[-2:] == ["cgroup.remove", "netcls.remove"]
+    assert after == ["sysctl.forget_saved", "cgroup.remove_if_empty", "netcls.release"]
     assert state.load(settings, "tun0") is None and fake.model() == EMPTY
 
 
@@ -343,6 +398,28 @@ def test_a_populated_group_is_not_torn_down(settings: Settings, fake: FakeKernel
     fake.populated_groups.clear()
     assert lifecycle.teardown_if_empty(settings, "tun0") is True
     assert fake.model() == EMPTY
+
+
+def test_a_member_moved_out_keeps_the_group_and_a_vanished_cgroup_is_no_obstacle(
+        settings: Settings, fake: FakeKernel) -> None:
+    """systemd removed the emptied scope's cgroup while a member moved elsewhere lives on
+    in the group's net_cls cgroup: the group stays; once that member is gone, teardown
+    removes the group's cgroup2 map element by rebuilding the map (nft cannot delete it by
+    a path that no longer exists), keeping the other group's."""
+    fake.populated_groups.add(lifecycle.ensure_group(settings, "tun1").cgroup)
+    elements_of_tun1 = set(fake.elements)
+    rec = lifecycle.ensure_group(settings, "tun0")
+    fake.escaped.add(rec.netcls or "")
+    os.rmdir(rec.cgroup)
+    fake.cgroups.discard(rec.cgroup)
+    assert lifecycle.teardown_if_empty(settings, "tun0") is False
+    assert lifecycle.cleanup(settings) == []
+    assert state.load(settings, "tun0") is not None
+    fake.escaped.clear()
+    fake.log.clear()
+    assert lifecycle.teardown_if_empty(settings, "tun0") is True
+    assert fake.elements == elements_of_tun1
+    assert [n for n, _ in fake.log].count("nft.run_json") == 1  # one transaction
 
 
 def test_repair_brings_back_what_was_removed_but_never_a_group_being_torn_down(

@@ -5,15 +5,8 @@ from socket import AF_INET, AF_INET6
 import pytest
 
 from via_tunnel.core.errors import ViaTunnelError
-from via_tunnel.core.plan import (
-    LinkFacts,
-    RouteSpec,
-    RuleSpec,
-    base_ruleset,
-    group_elements,
-    level_ruleset,
-    plan_group,
-)
+from via_tunnel.core.nftplan import base_ruleset, group_elements, level_ruleset
+from via_tunnel.core.plan import LinkFacts, RouteSpec, RuleSpec, plan_group
 from via_tunnel.core.settings import (
     MARK_MASK,
     MAX_SLOT,

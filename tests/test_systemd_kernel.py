@@ -455,12 +455,33 @@ def test_a_launch_leaves_by_the_interface(env: Env, how: str) -> None:
 
 def test_a_root_group_lives_in_systemds_tree(env: Env) -> None:
     """A group outside every slice is a cgroup systemd does not know: it is none of its
-    units, no resource control applies, and it escapes `systemctl` and `systemd-cgls`."""
+    units, no resource control applies, and it escapes `systemctl` and `systemd-cgls`.
+    A group is a scope unit of its own in via-tunnel.slice, for root's launches as for the
+    daemon's."""
+    scope = f"via-tunnel-{IFACE}.scope"
     cgroup = output_of(as_root(env.box, via(*FETCH_SHOWING_CGROUP))).split()[0]
     path = cgroup.removeprefix("0::")
-    assert path.startswith(("/system.slice/", "/user.slice/")), \
+    # (systemd reads the "-" of via-tunnel.slice as nesting: its cgroup is below via.slice)
+    assert path == f"/via.slice/via-tunnel.slice/{scope}", \
         f"root's program ran in {path}, outside systemd's slices"
+    with Prober(env.box, via(), "root") as prober:
+        assert prober.ask() == TUN_ADDR
+        assert unit_state(env.box, scope) == "active"
+        shown = env.box.run(["systemctl", "show", "-p", "ControlGroup", "--value", scope])
+        assert shown.stdout.strip() == path
+        assert str(prober.pid) in env.box.run(["systemctl", "status", scope]).stdout
     wait_clean(env)
+
+
+def test_doctor_says_groups_are_scopes_and_net_cls_is_there(env: Env) -> None:
+    report = json.loads(output_of(as_root(env.box, ["via-tunnel", "doctor", "--json"])))
+    checks = {c["name"]: c for c in report["checks"]}
+    assert "pure v2" in checks["cgroup2"]["detail"]
+    placement = checks["placement"]
+    assert placement["status"] == "ok", placement
+    assert "systemd is PID 1: each group is a scope unit via-tunnel-IFACE.scope in " \
+        "via-tunnel.slice (/sys/fs/cgroup/via.slice/via-tunnel.slice)" in placement["detail"]
+    assert checks["net_cls"]["status"] == "ok", checks["net_cls"]
 
 
 def test_a_user_not_in_the_policy_is_refused(env: Env) -> None:

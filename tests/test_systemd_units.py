@@ -45,12 +45,23 @@ def test_service_unit_runs_the_daemon_with_only_what_it_needs() -> None:
     assert set(unit) == {"Unit", "Service", "Install"}
     service = unit["Service"]
     assert service["ExecStart"][0].split()[1:] == ["daemon"]
-    assert service["Delegate"] == ["yes"]
-    assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    # Groups are scopes of their own (via-tunnel.slice), not part of the service: no
+    # delegation, no KillMode trickery, nothing that moves them below the service's cgroup.
+    assert "Delegate" not in service and "KillMode" not in service
+    assert not any(e.startswith("VIA_TUNNEL_CGROUP=") for e in service.get("Environment", []))
+    # CAP_SYS_ADMIN (and DAC_OVERRIDE: its root is 0555) only for the net_cls hierarchy,
+    # mounted in its own mount namespace.
+    assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_SYS_ADMIN CAP_DAC_OVERRIDE"]
     assert service["NoNewPrivileges"] == ["yes"]
     assert service["ProtectSystem"] == ["strict"]
     assert "/run/via-tunnel" in service["ReadWritePaths"][0].split()
     # These would break it: cgroupfs and the net sysctls must stay writable.
     assert "ProtectControlGroups" not in service
     assert "ProtectKernelTunables" not in service
-    assert service["KillMode"] == ["process"]  # stopping it must not kill users' programs
+
+
+def test_slice_unit_names_the_slice_the_code_puts_groups_in() -> None:
+    from via_tunnel.core.settings import SCOPE_SLICE
+
+    unit = parse(UNITS / SCOPE_SLICE)
+    assert set(unit) == {"Unit"}

@@ -32,6 +32,7 @@ SKIP_PRIORITY = 5099  # not fwmark FLAG/FLAG goto CATCH_PRIORITY: others skip th
 RULE_PRIORITY = 5100  # one per bucket: fwmark (FLAG|b<<24)/BUCKET_MASK goto bucket_priority(b)
 BUCKET_BASE = 5101  # bucket b's groups: fwmark MARK/MARK_MASK lookup TABLE at 5101 + b
 CATCH_PRIORITY = BUCKET_BASE + BUCKETS  # fwmark FLAG/FLAG unreachable: never routed by main
+CLASSID_BASE = 0x7674_0000  # net_cls classid (major "vt", minor = slot) = TABLE_BASE + slot
 UNREACHABLE_METRIC = 0xFFFF_FFFF  # kill-switch route: behind every real default
 NFT_TABLE = "via_tunnel"
 NFT_FAMILY = "inet"
@@ -42,28 +43,39 @@ DEFAULT_CONFIG = "/etc/via-tunnel/config.toml"
 ENV_CGROUP = "VIA_TUNNEL_CGROUP"
 
 
+SCOPE_SLICE = "via-tunnel.slice"  # systemd/via-tunnel.slice
+# Its cgroup: systemd reads each "-" of a slice's name as one level of nesting.
+SCOPE_SLICE_PATH = "via.slice/via-tunnel.slice"
+
+
 class Settings:
     """Where this instance keeps its state and its cgroups.
 
     ``state_dir`` holds the lock, one JSON file per active group and the saved sysctls.
     ``cgroup_subtree`` is relative to the cgroup2 mount. Both can be moved with environment
     variables so that test labs running side by side never see each other's groups.
+    ``scopes``: each group is a transient systemd scope in ``via-tunnel.slice`` (systemd is
+    PID 1 and ``$VIA_TUNNEL_CGROUP`` does not name a subtree), else a plain directory.
     """
 
     # A plain class, not a dataclass: this module is on the launch hot path, and importing
     # dataclasses costs more than everything else the warm launch does.
-    __slots__ = ("cgroup_subtree", "state_dir")
+    __slots__ = ("cgroup_subtree", "scopes", "state_dir")
 
     def __init__(self, state_dir: str = "/run/via-tunnel",
-                 cgroup_subtree: str = "via-tunnel") -> None:
+                 cgroup_subtree: str = "via-tunnel", scopes: bool = False) -> None:
         self.state_dir = state_dir
         self.cgroup_subtree = cgroup_subtree.strip("/")
+        self.scopes = scopes
 
     @classmethod
     def from_env(cls) -> Settings:
+        subtree = os.environ.get(ENV_CGROUP)
+        scopes = not subtree and os.path.isdir("/run/systemd/system")  # sd_booted(3)
         return cls(
             state_dir=os.environ.get(ENV_STATE_DIR) or "/run/via-tunnel",
-            cgroup_subtree=os.environ.get(ENV_CGROUP) or "via-tunnel",
+            cgroup_subtree=subtree or (SCOPE_SLICE_PATH if scopes else "via-tunnel"),
+            scopes=scopes,
         )
 
     @property
@@ -102,6 +114,13 @@ def slot_of_mark(mark: int) -> int | None:
 def bucket_priority(slot: int) -> int:
     """The priority of the ip rules of the bucket ``slot`` belongs to."""
     return BUCKET_BASE + slot % BUCKETS
+
+
+def classid_for_slot(slot: int) -> int:
+    """The net_cls classid of the group in ``slot`` (major 0x7674, minor = slot)."""
+    if not 1 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot {slot} out of range")
+    return CLASSID_BASE + slot
 
 
 def table_for_slot(slot: int) -> int:

@@ -17,7 +17,10 @@ import socket
 import struct
 
 from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.settings import Settings
 from via_tunnel.daemon.log import log
+from via_tunnel.group import state
+from via_tunnel.group.state import GroupRecord
 from via_tunnel.kernel import cgroup, procs
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in Python 3.11
@@ -87,8 +90,19 @@ def _exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def move(peer: Peer, path: str) -> None:
-    """Move exactly the calling process into the cgroup at ``path``.
+def check(peer: Peer) -> None:
+    """Raise unless the caller is alive and still the user it connected as. The PID may be
+    handed on (to systemd, as a new scope's first member) only between this check and the
+    one :func:`move` makes after the move."""
+    if _exited(peer.pidfd):
+        raise ViaTunnelError("the calling process exited")
+    if procs.uids(peer.pid) != (peer.uid,) * 3:  # also an exec of a setuid program
+        raise ViaTunnelError("the calling process changed its identity")
+
+
+def move(peer: Peer, settings: Settings, rec: GroupRecord) -> None:
+    """Move exactly the calling process into the group of ``rec`` (its cgroup2 group and
+    its net_cls cgroup: state.enter).
 
     cgroup.procs takes a PID number, so the number must still name the caller when it is
     written: the pidfd proves the caller was alive before the uid check and after the
@@ -96,20 +110,19 @@ def move(peer: Peer, path: str) -> None:
     caller died meanwhile, the PID may name a new process (PID reuse): whatever process it
     names is moved back to where the caller was, never left in the group.
     """
-    if _exited(peer.pidfd):
-        raise ViaTunnelError("the calling process exited")
-    if procs.uids(peer.pid) != (peer.uid,) * 3:  # also an exec of a setuid program
-        raise ViaTunnelError("the calling process changed its identity")
+    check(peer)
     mount = cgroup.cgroup2_mount()
     try:
         before = cgroup.own_cgroup(mount, peer.pid)
     except OSError:
         raise ViaTunnelError("the calling process exited") from None
-    cgroup.join(path, peer.pid)
+    state.enter(settings, rec, peer.pid)
     if _exited(peer.pidfd):
-        log(f"{peer}: exited while it was being moved into {path}")
-        if peer.pid in cgroup.members(path):  # another process now has its PID
-            with contextlib.suppress(ViaTunnelError):
+        log(f"{peer}: exited while it was being moved into {rec.cgroup}")
+        if peer.pid in cgroup.members(rec.cgroup):  # another process now has its PID
+            with contextlib.suppress(ViaTunnelError, OSError):
                 cgroup.join(before, peer.pid)
+            with contextlib.suppress(ViaTunnelError, OSError):
+                cgroup.join_netcls("", peer.pid)  # the hierarchy's root: no classid
             log(f"{peer}: moved PID {peer.pid} back to {before} (PID reused)")
         raise ViaTunnelError("the calling process exited")

@@ -43,7 +43,7 @@ from via_tunnel.core.wire import socket_path as default_socket_path
 from via_tunnel.daemon.front import Front
 from via_tunnel.daemon.listen import own_socket, systemd_socket
 from via_tunnel.daemon.log import Limiter, log
-from via_tunnel.daemon.peer import Peer, move, peer_of
+from via_tunnel.daemon.peer import Peer, check, move, peer_of
 from via_tunnel.group import lifecycle, state, watcher
 from via_tunnel.kernel.files import check_private_dir
 
@@ -132,16 +132,19 @@ class Daemon:
         with state.locked(self.settings):
             # Reuses a live group (for a non-root caller only one created with exactly its
             # options: nobody takes another user's routing), rebuilds a stale one, creates a
-            # missing one.
+            # missing one (on a systemd host a scope, started with the caller in it: checked
+            # first).
+            check(peer)
             rec = lifecycle.ensure_group(self.settings, req.iface, gateway=req.gateway,
                                          ipv6=req.ipv6,  # type: ignore[arg-type]
-                                         dns=req.dns, exact=peer.uid != 0)
+                                         dns=req.dns, exact=peer.uid != 0,
+                                         first_pid=peer.pid)
             try:
                 self.ensure_watcher(req.iface)
             except ViaTunnelError:
                 lifecycle.teardown_if_empty(self.settings, req.iface)  # nobody watches it
                 raise
-            move(peer, rec.cgroup)
+            move(peer, self.settings, rec)
         return ({"ok": True, "iface": req.iface, "cgroup": rec.cgroup,
                  "dns_refused": rec.dns4 is None and rec.dns6 is None}, decision.reason)
 

@@ -1,7 +1,8 @@
 """Doctor: the checks of the machine, in report order, and the small ones (cgroup2, the
 kernel interfaces for a group's sockets and conntrack entries). The others live by concern:
-nftables (netfilter.py), rp_filter and ip rules (routing.py), systemd-networkd
-(networkd.py), leftovers of crashed runs (leftovers.py), the daemon's socket (daemon.py).
+the init, where groups live and net_cls (host.py), nftables (netfilter.py), rp_filter and
+ip rules (routing.py), systemd-networkd (networkd.py), leftovers of crashed runs
+(leftovers.py), the daemon's socket (daemon.py).
 
 Every check is a function returning report lines (:class:`via_tunnel.doctor.check.Check`)
 and changes nothing. The parts that decide (parsers, probe verdicts) are pure functions next
@@ -10,7 +11,7 @@ to the code that gathers their input, so they can be tested without root.
 
 from __future__ import annotations
 
-from via_tunnel.doctor import daemon, leftovers, netfilter, networkd, routing
+from via_tunnel.doctor import daemon, host, leftovers, netfilter, networkd, routing
 from via_tunnel.doctor.check import FAIL, NEEDS_ROOT, OK, WARN, Check, CheckFn, is_root
 
 
@@ -18,6 +19,8 @@ def machine_checks() -> list[tuple[str, CheckFn]]:
     """(name, function) of every machine check, in report order."""
     return [
         ("cgroup2", check_cgroup2),
+        ("placement", host.check_placement),
+        ("net_cls", host.check_netcls),
         ("nft-binding", netfilter.check_nft_binding),
         ("kernel", netfilter.check_kernel_features),
         ("rp_filter", routing.check_rp_filter),

@@ -62,7 +62,7 @@ PROBE_ABORT = f"delete table inet {PROBE_TABLE}\ndelete table inet {PROBE_TABLE}
 
 def _probe_bodies(level: int) -> dict[str, str]:
     """nft text per feature (only our constants and a computed int; no user input)."""
-    from via_tunnel.core.plan import base_ruleset, level_ruleset
+    from via_tunnel.core.nftplan import base_ruleset, level_ruleset
     from via_tunnel.core.settings import NFT_TABLE
 
     t = f"inet {PROBE_TABLE}"

@@ -2,7 +2,8 @@
 per interface, each docstring its contract.
 
 The real implementations are the kernel modules themselves (kernel/nft.py, netlink.py,
-cgroup.py, sysctl.py, flows.py, resolvers.py), which satisfy these Protocols as they are;
+cgroup.py, netcls.py, systemd.py, sysctl.py, flows.py, resolvers.py), which satisfy these
+Protocols as they are;
 :func:`current` gives them unless a test has put fakes in their place with
 :func:`replaced` (tests/test_lifecycle_seam.py checks lifecycle's ordering and rollback
 that way, without root, besides the kernel tests). Nothing here changes what lifecycle does.
@@ -86,6 +87,15 @@ class Cgroups(Protocol):
     def make(self, path: str) -> None:
         """Create the group (an existing one is fine)."""
 
+    def cgroup_id(self, path: str) -> int:
+        """The group's id (what sock_diag filters on); 0 when it does not exist."""
+
+    def own_cgroup(self, mount: str, pid: int | str = "self") -> str:
+        """The group ``pid`` is in."""
+
+    def join(self, path: str, pid: int = 0) -> None:
+        """Move ``pid`` (0: the caller) into the group."""
+
     def remove(self, path: str) -> None:
         """Remove the group and its empty descendants (a missing one is fine);
         ViaTunnelError while a process is in it."""
@@ -95,6 +105,40 @@ class Cgroups(Protocol):
 
     def populated(self, path: str) -> bool:
         """Whether a live process is in the group or below it."""
+
+
+class NetCls(Protocol):
+    """The cgroup v1 net_cls hierarchy (kernel/netcls.py); ``rel`` names a cgroup relative
+    to its mount. ViaTunnelError where the kernel has no net_cls (fail closed)."""
+
+    def require(self) -> None:
+        """ViaTunnelError unless the kernel has net_cls (before any change)."""
+
+    def ensure(self, state_dir: str, rel: str, classid: int) -> str:
+        """Make the cgroup with ``classid`` (mounting the hierarchy if needed)."""
+
+    def join(self, rel: str, pid: int) -> None:
+        """Move ``pid`` into it."""
+
+    def leave(self, pid: int) -> None:
+        """Move ``pid`` back to the hierarchy's root."""
+
+    def tasks(self, state_dir: str, rel: str | None) -> list[int]:
+        """The processes in it ([] when it is absent)."""
+
+    def remove(self, state_dir: str, rel: str | None) -> None:
+        """Remove it (missing is fine); ViaTunnelError while a process is in it."""
+
+    def release(self, state_dir: str, subtree: str) -> None:
+        """No group left: remove our subtree, unmount the hierarchy if we mounted it."""
+
+
+class Scopes(Protocol):
+    """systemd's transient scope units (kernel/systemd.py)."""
+
+    def start_scope(self, unit: str, slice_name: str, pid: int, path: str,
+                    mount: str) -> None:
+        """Start scope ``unit`` with ``pid`` in it; return once pid is in ``path``."""
 
 
 class Sysctl(Protocol):
@@ -117,8 +161,9 @@ class Flows(Protocol):
     """A group's sockets and conntrack entries (kernel/flows.py). Best effort: a kernel
     that refuses leaves them, never raises."""
 
-    def kill_sockets(self, cgroup_path: str) -> None:
-        """Destroy every socket of the group's processes (orphans included)."""
+    def kill_sockets(self, cgroup_path: str, cgroup_id: int = 0) -> None:
+        """Destroy every socket of the group's processes (orphans included); by
+        ``cgroup_id`` too when the group's directory is gone already."""
 
     def reset_unmasqueraded(self, cgroup_path: str, mark: int, mark_mask: int,
                             own_addresses: tuple[str, ...]) -> object:
@@ -135,10 +180,12 @@ class Resolvers(Protocol):
 class Kernel:
     """The adapters lifecycle uses, one per kernel interface."""
 
-    __slots__ = ("cgroup", "flows", "netlink", "nft", "resolvers", "sysctl")
+    __slots__ = ("cgroup", "flows", "netcls", "netlink", "nft", "resolvers", "scopes", "sysctl")
 
     def __init__(self, *, nft: Nft, netlink: Netlink, cgroup: Cgroups, sysctl: Sysctl,
-                 flows: Flows, resolvers: Resolvers) -> None:
+                 flows: Flows, resolvers: Resolvers, netcls: NetCls, scopes: Scopes) -> None:
+        self.netcls = netcls
+        self.scopes = scopes
         self.nft = nft
         self.netlink = netlink
         self.cgroup = cgroup
@@ -158,10 +205,19 @@ def current() -> Kernel:
     if _replacement is not None:
         return _replacement
     if _real is None:
-        from via_tunnel.kernel import cgroup, flows, netlink, nft, resolvers, sysctl
+        from via_tunnel.kernel import (
+            cgroup,
+            flows,
+            netcls,
+            netlink,
+            nft,
+            resolvers,
+            sysctl,
+            systemd,
+        )
 
         _real = Kernel(nft=nft, netlink=netlink, cgroup=cgroup, sysctl=sysctl, flows=flows,
-                       resolvers=resolvers)
+                       resolvers=resolvers, netcls=netcls, scopes=systemd)
     return _real
 
 

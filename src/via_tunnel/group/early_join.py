@@ -7,6 +7,10 @@ overlap. This is safe because the launcher sends no IP traffic of its own: CMD i
 only once the group is complete. If setup fails, the launcher leaves the cgroup again so
 that nothing it made stays behind. Used only with the global lock held and no record for
 the interface (nobody else can create, join or remove this group meanwhile).
+
+On a systemd host there is nothing to overlap: the group is a scope that PID 1 creates with
+this process in it (lifecycle's ``first_pid``), so only :meth:`undo` has work to do. The
+net_cls cgroup is joined by setup itself (it needs the group's slot for its classid).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ class EarlyJoin:
         self.home = cgroup.own_cgroup(mount)
         self.path = group_path(settings, mount, iface)
         self.subtree = os.path.dirname(self.path)
-        self.made_subtree = not os.path.isdir(self.subtree)
-        self.made_group = not os.path.isdir(self.path)
-        cgroup.make(self.path)
+        self.made_subtree = not settings.scopes and not os.path.isdir(self.subtree)
+        self.made_group = not settings.scopes and not os.path.isdir(self.path)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._join, name="early-join", daemon=True)
-        self.thread.start()
+        if not settings.scopes:
+            cgroup.make(self.path)
+            self.thread.start()
 
     def _join(self) -> None:
         try:
@@ -45,7 +50,8 @@ class EarlyJoin:
 
     def wait(self) -> None:
         """Return once this process is in the group; raise if the move failed."""
-        self.thread.join()
+        if self.thread.ident is not None:
+            self.thread.join()
         if self.error is not None:
             raise self.error
 
@@ -54,9 +60,14 @@ class EarlyJoin:
         is an intent log, so teardown knows what that is)."""
         from via_tunnel.group import lifecycle
 
-        self.thread.join()
+        if self.thread.ident is not None:
+            self.thread.join()
         with contextlib.suppress(Exception):
             cgroup.join(self.home)
+        with contextlib.suppress(Exception):
+            from via_tunnel.kernel import netcls
+
+            netcls.leave(0)
         with contextlib.suppress(Exception):
             rec = state.load(self.settings, self.iface)
             if rec is not None:

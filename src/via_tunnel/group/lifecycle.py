@@ -27,40 +27,34 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from typing import Any
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
-from via_tunnel.core.plan import (
-    GroupPlan,
-    IPv6Mode,
-    RuleSpec,
-    group_elements,
-    group_rules,
-    shared_rules,
-)
+from via_tunnel.core.nftplan import group_elements
+from via_tunnel.core.plan import GroupPlan, IPv6Mode, RuleSpec, group_rules, shared_rules
 from via_tunnel.core.settings import (
     MARK_MASK,
     MAX_SLOT,
     NFT_FAMILY,
     NFT_TABLE,
     Settings,
+    classid_for_slot,
     table_for_slot,
 )
-from via_tunnel.group import adapters, state
+from via_tunnel.group import adapters, placement, state
 from via_tunnel.group.joining import check_compatible, check_same
+from via_tunnel.group.placement import GROUP_PREFIX, group_path
 from via_tunnel.group.state import GroupRecord
 
-GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
-
-
-def group_path(settings: Settings, mount: str, iface: str) -> str:
-    return os.path.join(mount, settings.cgroup_subtree, GROUP_PREFIX + iface)
+__all__ = ["GROUP_PREFIX", "group_path"]
 
 
 def ensure_group(
     settings: Settings, iface: str, *, gateway: str | None = None, ipv6: IPv6Mode = "auto",
-    dns: tuple[str, ...] = (), exact: bool = False,
+    dns: tuple[str, ...] = (), exact: bool = False, first_pid: int | None = None,
 ) -> GroupRecord:
     """Return the active group of ``iface``, creating it if needed. Caller holds the lock.
+    ``first_pid``: the process that joins next (a scope is started with it; placement.py).
 
     ``exact`` (a non-root caller of the daemon): a running group is joined only when it
     was created with exactly these options (:func:`check_same`), so that no user's run ever
@@ -69,6 +63,8 @@ def ensure_group(
     """
     rec = state.load(settings, iface)
     if rec is not None:
+        if rec.ready and not rec.usable() and placement.in_use(settings, rec):
+            _revive(settings, rec, first_pid)  # its cgroup2 group is gone, not its members
         if rec.usable():
             if exact:
                 check_same(rec, gateway=gateway, ipv6=ipv6, dns=dns)
@@ -76,17 +72,32 @@ def ensure_group(
                 check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
             return rec
         teardown(settings, rec)  # a crash left it stale or half-built: start clean
-    return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns)
+    return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns, first_pid=first_pid)
+
+
+def _revive(settings: Settings, rec: GroupRecord, first_pid: int | None) -> None:
+    """The group's cgroup2 group is gone (systemd removed the emptied scope) while members
+    moved out of it live on (net_cls): make it again for the next member, and point the
+    level's map at the new cgroup (nft keyed the old element by the old one's id)."""
+    k = adapters.current()
+    placement.make(settings, rec, first_pid)
+    same_level = [_plan_of(r) for r in state.load_all(settings)
+                  if r.level == rec.level and r.usable()]
+    k.nft.run_json(placement.rebuilt_level_map(rec.level, same_level))
+    state.save(settings, rec)
 
 
 def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mode,
-            dns: tuple[str, ...]) -> GroupRecord:
+            dns: tuple[str, ...], first_pid: int | None = None) -> GroupRecord:
+    import dataclasses
+
     from via_tunnel.core.plan import plan_group
 
     k = adapters.current()
     # Every prerequisite before the first change: a missing binding must not leave rules,
     # routes and a cgroup behind (the interface's facts below need rtnetlink too).
     k.nft.preload()
+    k.netcls.require()  # fail closed: without net_cls a moved member would leak
     mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
     records = state.load_all(settings)
@@ -97,23 +108,29 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     plan = plan_group(facts, slot=slot, level=k.cgroup.level_of(path, mount),
                       cgroup_nft_path=k.cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
                       dns=dns or k.resolvers.link_resolvers(iface))
+    plan = dataclasses.replace(plan, classid=classid_for_slot(slot))
     rec = GroupRecord(iface=iface, slot=slot, mark=plan.mark, table=plan.table,
                       level=plan.level, cgroup=path, cgroup_nft_path=plan.cgroup_nft_path,
                       created=time.time(), gateway4=plan.gateway4, ipv6=plan.ipv6,
                       ipv6_asked=ipv6, gateway_asked=gateway, dns_asked=list(dns),
-                      dns4=plan.dns4, dns6=plan.dns6)
+                      dns4=plan.dns4, dns6=plan.dns6,
+                      netcls=placement.netcls_rel(settings, iface), classid=plan.classid)
     state.save(settings, rec)
+    home = k.cgroup.own_cgroup(mount, first_pid) if first_pid is not None else None
     try:
         k.sysctl.ensure()
         if plan.sysctls:
             rec.saved_sysctls = k.sysctl.apply_saving(plan.sysctls)
             state.save(settings, rec)
-        k.cgroup.make(path)
+        placement.make(settings, rec, first_pid)
+        state.save(settings, rec)
         k.netlink.apply(plan.rules + shared, plan.routes)
         _nft_attach(k.nft, plan)
         rec.ready = True
         state.save(settings, rec)
     except BaseException:
+        with contextlib.suppress(Exception):
+            placement.put_back(home, first_pid)
         with contextlib.suppress(Exception):
             teardown(settings, rec)
         raise
@@ -132,7 +149,7 @@ def _plan_of(rec: GroupRecord) -> GroupPlan:
                      level=rec.level, cgroup_nft_path=rec.cgroup_nft_path,
                      rules=group_rules(rec.slot), routes=(),
                      ipv6="tunnel" if rec.ipv6 == "tunnel" else "block",
-                     dns4=rec.dns4, dns6=rec.dns6)
+                     dns4=rec.dns4, dns6=rec.dns6, classid=rec.classid)
 
 
 def teardown(settings: Settings, rec: GroupRecord) -> None:
@@ -143,36 +160,39 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
         rec.ready = False
         state.save(settings, rec)
-    k.flows.kill_sockets(rec.cgroup)
+    k.flows.kill_sockets(rec.cgroup, rec.cgroup_id)
     others = [r for r in state.load_all(settings) if r.iface != rec.iface]
     nft_error: ViaTunnelError | None = None
     try:
         if k.nft.table_exists():
             if not others:
                 k.nft.run_json([k.nft.delete_table_command()])
-            else:
-                _nft_detach(k.nft, plan)
+            elif k.cgroup.cgroup_id(rec.cgroup):
+                _nft_detach(k.nft, group_elements(plan, "delete"))
+            else:  # its cgroup is gone, and with it the path nft could delete it by
+                rebuilt = placement.rebuilt_level_map(
+                    rec.level, [_plan_of(r) for r in others if r.usable()])
+                _nft_detach(k.nft, group_elements(plan, "delete", cgroup=False) + rebuilt)
     except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same
         nft_error = exc
     k.netlink.remove(plan.rules, [rec.table])
     if not others:
         k.netlink.remove(shared_rules()[::-1], [])
     k.sysctl.put_back(rec.saved_sysctls)
-    k.cgroup.remove(rec.cgroup)
+    placement.remove(settings, rec)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state.watcher_lock_path(settings, rec.iface))
     state.delete(settings, rec.iface)
     if not others:
         k.sysctl.forget_saved(settings)
-        k.cgroup.remove_if_empty(os.path.dirname(rec.cgroup))  # our subtree
+        placement.release(settings, os.path.dirname(rec.cgroup))  # our subtree
     if nft_error is not None:
         raise nft_error
 
 
-def _nft_detach(nft: adapters.Nft, plan: GroupPlan) -> None:
+def _nft_detach(nft: adapters.Nft, commands: list[dict[str, Any]]) -> None:
     """Delete the group's elements: one transaction, or element by element when some are
     already gone (cleanup after a crash) so the rest still goes."""
-    commands = group_elements(plan, "delete")
     try:
         nft.run_json(commands)
     except KernelError:
@@ -236,7 +256,7 @@ def reattach_nft(settings: Settings) -> list[GroupRecord]:
     would also drop the conntrack NAT state of the groups' flows. Missing elements follow
     in a second transaction (JSON: nft text must not carry names).
     """
-    from via_tunnel.core.plan import (
+    from via_tunnel.core.nftplan import (
         base_ruleset,
         element_names,
         level_ruleset,
@@ -280,7 +300,7 @@ def teardown_if_empty(settings: Settings, iface: str) -> bool:
     rec = state.load(settings, iface)
     if rec is None:
         return True
-    if adapters.current().cgroup.populated(rec.cgroup):
+    if placement.in_use(settings, rec):
         return False
     teardown(settings, rec)
     return True
@@ -297,7 +317,7 @@ def cleanup(settings: Settings) -> list[str]:
     done: list[str] = []
     records = state.load_all(settings)
     for rec in records:
-        if not k.cgroup.populated(rec.cgroup):
+        if not placement.in_use(settings, rec):
             teardown(settings, rec)
             done.append(f"removed group {rec.iface}")
     live = state.load_all(settings)
@@ -318,7 +338,7 @@ def cleanup(settings: Settings) -> list[str]:
             if not k.cgroup.populated(child):
                 k.cgroup.remove(child)
                 done.append(f"removed cgroup {child}")
-        k.cgroup.remove_if_empty(subtree_path(settings))
+        placement.release(settings, subtree_path(settings))
     return done
 
 
@@ -344,5 +364,6 @@ def group_cgroups(settings: Settings) -> list[str]:
         names = sorted(os.listdir(subtree))
     except FileNotFoundError:
         return []
+    prefix = "via-tunnel-" if settings.scopes else GROUP_PREFIX
     return [os.path.join(subtree, n) for n in names
-            if n.startswith(GROUP_PREFIX) and os.path.isdir(os.path.join(subtree, n))]
+            if n.startswith(prefix) and os.path.isdir(os.path.join(subtree, n))]

@@ -29,16 +29,17 @@ class GroupRecord:
     A plain class rather than a dataclass: it is read on every (warm) launch.
     """
 
-    __slots__ = ("cgroup", "cgroup_nft_path", "created", "dns4", "dns6", "dns_asked",
-                 "gateway4", "gateway_asked", "iface", "ipv6", "ipv6_asked", "level", "mark",
-                 "ready", "saved_sysctls", "slot", "table")
+    __slots__ = ("cgroup", "cgroup_id", "cgroup_nft_path", "classid", "created", "dns4", "dns6",
+                 "dns_asked", "gateway4", "gateway_asked", "iface", "ipv6", "ipv6_asked",
+                 "level", "mark", "netcls", "ready", "saved_sysctls", "slot", "table")
 
     def __init__(self, *, iface: str, slot: int, mark: int, table: int, level: int,
                  cgroup: str, cgroup_nft_path: str, created: float,
                  gateway4: str | None = None, ipv6: str = "block", dns4: str | None = None,
                  dns6: str | None = None, ipv6_asked: str | None = None,
                  gateway_asked: str | None = None, dns_asked: list[str] | None = None,
-                 saved_sysctls: dict[str, str] | None = None, ready: bool = False) -> None:
+                 saved_sysctls: dict[str, str] | None = None, ready: bool = False,
+                 netcls: str | None = None, classid: int = 0, cgroup_id: int = 0) -> None:
         self.iface = iface
         self.slot = slot
         self.mark = mark
@@ -58,6 +59,11 @@ class GroupRecord:
         self.gateway_asked = gateway_asked
         self.dns_asked = dns_asked
         self.saved_sysctls = saved_sysctls or {}  # per-interface sysctls to put back
+        # The group's net_cls cgroup (relative to that hierarchy's mount) and its classid:
+        # what keeps a member routed once it is moved elsewhere in the cgroup2 tree.
+        self.netcls = netcls
+        self.classid = classid
+        self.cgroup_id = cgroup_id  # the cgroup2 group's id (inode), kept for when it is gone
         # Set once every part of the group is in place. A record without it is the intent
         # log of a setup that died half-way: never joined, only torn down and rebuilt.
         self.ready = ready
@@ -82,6 +88,21 @@ class GroupRecord:
         if not isinstance(data, dict):
             raise ValueError("a group record is a JSON object")
         return cls(**{k: data[k] for k in cls.__slots__ if k in data})
+
+
+def enter(settings: Settings, rec: GroupRecord, pid: int = 0) -> None:
+    """Move ``pid`` (0 = the caller) into the group: its net_cls cgroup first (made, and
+    the hierarchy mounted, if this mount namespace lacks them), then its cgroup2 group.
+    Every way into a group (warm launch, early join, the daemon's move) comes here."""
+    from via_tunnel.kernel import cgroup
+
+    if rec.netcls and not cgroup.join_netcls(rec.netcls, pid):
+        from via_tunnel.kernel import netcls
+
+        netcls.ensure(settings.state_dir, rec.netcls, rec.classid)
+        if not cgroup.join_netcls(rec.netcls, pid):
+            raise ViaTunnelError(f"cannot enter the net_cls cgroup {rec.netcls}")
+    cgroup.join(rec.cgroup, pid)
 
 
 def locked(settings: Settings) -> FileLock:

@@ -21,7 +21,7 @@ import time
 
 from via_tunnel.core.settings import Settings
 from via_tunnel.group import lifecycle, state
-from via_tunnel.kernel import cgroup, nlmsg
+from via_tunnel.kernel import cgroup, netcls, nlmsg
 
 
 def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> None:
@@ -80,6 +80,8 @@ def _detach() -> None:
     with contextlib.suppress(Exception):
         mount = cgroup.cgroup2_mount()
         cgroup.join(mount)  # out of the caller's session scope, out of every group
+    with contextlib.suppress(Exception):
+        netcls.leave(0)  # a launcher that joined a group before it forked us: not a member
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
@@ -111,37 +113,66 @@ def watch(settings: Settings, iface: str) -> None:
             rec = state.load(settings, iface)
             if rec is None:
                 return
-            try:
-                cg_fd = os.open(os.path.join(rec.cgroup, "cgroup.events"), os.O_RDONLY)
-            except FileNotFoundError:
-                cg_fd = -1
-            try:
-                # Read before polling: kernfs reports POLLPRI at once on a file descriptor
-                # that has not yet read the current state (a busy loop otherwise).
-                if cg_fd >= 0 and cgroup.events_say_populated(os.read(cg_fd, 4096)):
-                    poller = select.poll()
-                    poller.register(cg_fd, select.POLLPRI | select.POLLERR)
-                    for sock in events:
-                        poller.register(sock.fileno(), select.POLLIN)
-                    ready = {fd for fd, _ in poller.poll()}
-                else:
-                    ready = {cg_fd}
-            finally:
-                if cg_fd >= 0:
-                    os.close(cg_fd)
-            if _drain(events, ready):
+            if _wait(settings, rec, events) and _drain(events, {sock.fileno() for sock in events}):
                 try:
                     with state.locked(settings):
                         lifecycle.repair(settings, iface)
                 except Exception as exc:  # a failed repair must not end the watch
                     _log(settings, iface, exc)
-            if cg_fd in ready or not cgroup.populated(rec.cgroup):
-                with state.locked(settings):
-                    if lifecycle.teardown_if_empty(settings, iface):
-                        return
+                continue
+            with state.locked(settings):
+                if lifecycle.teardown_if_empty(settings, iface):
+                    return
     finally:
         for sock in events:
             sock.close()
+
+
+def _wait(settings: Settings, rec: state.GroupRecord, events: list[socket.socket]) -> bool:
+    """Sleep until the group may have emptied (False) or a netlink notification came
+    (True).
+
+    While its cgroup2 group is populated, ``cgroup.events`` says when that changes. Once it
+    is empty (or gone: systemd removes an emptied scope), members moved elsewhere may live
+    on in its net_cls cgroup, and cgroup v1 has no events file: wait on a pidfd of each, and
+    look again after any exit (their children, which inherit the classid, are in it too).
+    """
+    try:
+        cg_fd = os.open(os.path.join(rec.cgroup, "cgroup.events"), os.O_RDONLY)
+    except FileNotFoundError:
+        cg_fd = -1
+    pidfds: list[int] = []
+    try:
+        # Read before polling: kernfs reports POLLPRI at once on a file descriptor that has
+        # not yet read the current state (a busy loop otherwise).
+        populated = cg_fd >= 0 and cgroup.events_say_populated(os.read(cg_fd, 4096))
+        if not populated:
+            pidfds = _pidfds(netcls.tasks(settings.state_dir, rec.netcls))
+            if not pidfds:
+                return False
+        poller = select.poll()
+        if cg_fd >= 0:
+            poller.register(cg_fd, select.POLLPRI | select.POLLERR)
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        socks = {sock.fileno() for sock in events}
+        for fd in socks:
+            poller.register(fd, select.POLLIN)
+        return bool({fd for fd, _ in poller.poll()} <= socks)
+    finally:
+        for fd in (cg_fd, *pidfds):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _pidfds(pids: list[int]) -> list[int]:
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except OSError:  # exited meanwhile: the next look sees it gone
+            continue
+    return fds
 
 
 def _preload() -> None:

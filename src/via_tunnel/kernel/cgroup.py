@@ -1,4 +1,6 @@
-"""Thin adapter over the cgroup2 filesystem: find it, make groups, join, watch, remove."""
+"""Thin adapter over the cgroup2 filesystem: find it, make groups, join, watch, remove; and
+the lookups of the cgroup v1 net_cls hierarchy a warm launch needs (mounting it is
+kernel/netcls.py's, off the warm path)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,41 @@ def parse_cgroup2_mount(lines: list[str]) -> str:
     return candidates[0]
 
 
+def netcls_mount(exact: str | None = None,
+                 mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v1 hierarchy with net_cls is mounted in this mount namespace (the
+    mount at ``exact`` only, when given), or None."""
+    with open(mountinfo) as f:
+        return parse_netcls_mount(f.read().splitlines(), exact)
+
+
+def parse_netcls_mount(lines: list[str], exact: str | None = None) -> str | None:
+    """Pick a net_cls mount out of mountinfo lines (pure): a ``cgroup`` (v1) file system
+    whose super options name net_cls (alone, or co-mounted as ``net_cls,net_prio``)."""
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, sb = left.split(" "), right.split(" ")
+        if not sep or len(fields) < 5 or len(sb) < 3 or sb[0] != "cgroup":
+            continue
+        point = _unescape(fields[4])
+        if "net_cls" in sb[2].split(",") and (exact is None or point == exact):
+            return point
+    return None
+
+
+def join_netcls(rel: str, pid: int = 0) -> bool:
+    """Move ``pid`` (0 = the caller) into the net_cls cgroup ``rel``; False when the
+    hierarchy is not mounted here or the cgroup is missing (kernel/netcls.py makes them)."""
+    mount = netcls_mount()
+    if mount is None:
+        return False
+    try:
+        join(os.path.join(mount, rel), pid)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
         .replace("\\134", "\\")
@@ -75,13 +112,21 @@ def own_cgroup(mount: str, pid: int | str = "self") -> str:
     raise ViaTunnelError("this process is in no cgroup2 group")
 
 
+def cgroup_id(path: str) -> int:
+    """The group's id (its directory's inode, what sock_diag compares); 0 when gone."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return 0
+
+
 def make(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
 def join(path: str, pid: int = 0) -> None:
     """Move ``pid`` (0 = the caller) into the group at ``path``."""
-    fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+    fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)  # FileNotFoundError
     try:
         os.write(fd, str(pid).encode())
     except OSError as exc:

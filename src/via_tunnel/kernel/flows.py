@@ -57,11 +57,12 @@ def unmasqueraded(entries: Iterable[Entry], ports: set[tuple[str, int]], mark: i
     return stale
 
 
-def kill_sockets(cgroup_path: str) -> None:
-    """Destroy every TCP and UDP socket of the group (sock_destroy, as ``ss -K``). Best
-    effort, as it always was: a kernel that refuses leaves them."""
+def kill_sockets(cgroup_path: str, cgroup_id: int = 0) -> None:
+    """Destroy every TCP and UDP socket of the group (sock_destroy, as ``ss -K``), found by
+    its cgroup's id (``cgroup_id`` when the directory is gone: systemd removes an emptied
+    scope's). Best effort, as it always was: a kernel that refuses leaves them."""
     with contextlib.suppress(OSError):
-        sockdiag.destroy(cgroup_path)
+        sockdiag.destroy(cgroup_path, (cgroup_id,) if cgroup_id else ())
 
 
 def reset_unmasqueraded(cgroup_path: str, mark: int, mark_mask: int,

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
-from via_tunnel.core.plan import base_ruleset, level_ruleset, levels_in
+from via_tunnel.core.nftplan import base_ruleset, level_ruleset, levels_in
 from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
 
 _ctx: Any = None  # JSON in and out: every change, and listings of sets

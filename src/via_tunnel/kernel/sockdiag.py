@@ -116,12 +116,12 @@ def cgroup_ids(path: str, descendants: bool = True) -> list[int]:
     return ids
 
 
-def sockets(path: str, descendants: bool = True) -> list[Sock]:
+def sockets(path: str, descendants: bool = True, known: tuple[int, ...] = ()) -> list[Sock]:
     """Every TCP and UDP socket of the processes in the cgroup at ``path`` and (unless told
     not to) its descendants, both families; none when it does not exist. Raises NetlinkError when
     the kernel refuses the dump (no sock_diag, or a kernel without the cgroup filter); a
     family or protocol it has no diag module for has none."""
-    wanted = cgroup_ids(path, descendants)
+    wanted = sorted({*cgroup_ids(path, descendants), *known})
     found: list[Sock] = []
     if not wanted:
         return found
@@ -139,10 +139,11 @@ def sockets(path: str, descendants: bool = True) -> list[Sock]:
     return found
 
 
-def destroy(path: str) -> list[Sock]:
-    """Destroy every socket of the cgroup at ``path`` and its descendants (the kernel
-    aborts them: a TCP socket sends a reset and is gone). Returns those destroyed."""
-    return destroy_sockets(sockets(path))
+def destroy(path: str, known: tuple[int, ...] = ()) -> list[Sock]:
+    """Destroy every socket of the cgroup at ``path`` and its descendants, and of the
+    cgroups whose ids are ``known`` (the kernel aborts them: a TCP socket sends a reset and
+    is gone). Returns those destroyed."""
+    return destroy_sockets(sockets(path, known=known))
 
 
 def destroy_sockets(found: list[Sock]) -> list[Sock]:

@@ -25,6 +25,7 @@ def remove_footprint(state_dir: str, cgroup_subtree: str) -> list[str]:
     """Remove a test or demo instance's state directory and its cgroup subtree (relative to
     the cgroup2 mount; only empty cgroups can go). Returns what could not be removed."""
     left: list[str] = []
+    _remove_netcls(state_dir, cgroup_subtree.strip("/"), left)
     shutil.rmtree(state_dir, ignore_errors=True)
     if os.path.exists(state_dir):
         left.append(state_dir)
@@ -40,3 +41,20 @@ def remove_footprint(state_dir: str, cgroup_subtree: str) -> list[str]:
                     left.append(dirpath)
     return left
 
+
+
+def _remove_netcls(state_dir: str, sub: str, left: list[str]) -> None:
+    """The instance's net_cls cgroups (empty ones) and its mount of that hierarchy."""
+    from via_tunnel.kernel import cgroup, netcls
+
+    mount = cgroup.netcls_mount()
+    if mount is not None and sub:
+        top = os.path.join(mount, sub)
+        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                left.append(dirpath)
+    netcls.release(state_dir, sub)
+    if cgroup.netcls_mount(exact=netcls.own_mount_point(state_dir)) is not None:
+        left.append(netcls.own_mount_point(state_dir))

@@ -27,7 +27,6 @@ def run(args: LaunchArgs) -> None:
     """Put this process into IFACE's group and exec CMD. Returns only by raising."""
     from via_tunnel.core.settings import Settings
     from via_tunnel.group import state
-    from via_tunnel.kernel import cgroup
 
     path = resolve(args.argv[0])
     if os.geteuid() != 0:
@@ -66,7 +65,7 @@ def run(args: LaunchArgs) -> None:
                 raise
         if early is None:  # (a cold launch started its watcher above)
             _ensure_watcher(settings, args.iface, lock_fd)
-            cgroup.join(rec.cgroup)
+            state.enter(settings, rec)
         # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
     if rec.dns4 is None and rec.dns6 is None:
         warn_if_dns_refused(args.iface)
@@ -111,7 +110,8 @@ def _ensure(settings: Settings, args: LaunchArgs) -> GroupRecord:
                                policy.load(config_path()).interfaces.get(args.iface))
         gateway, ipv6, dns = req.gateway, req.ipv6, req.dns
     return lifecycle.ensure_group(settings, args.iface, gateway=gateway,
-                                  ipv6=ipv6, dns=dns)  # type: ignore[arg-type]
+                                  ipv6=ipv6,  # type: ignore[arg-type]
+                                  dns=dns, first_pid=os.getpid())
 
 
 def _warn_if_running(path: str, uid: int, iface: str) -> None:
