@@ -48,22 +48,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BenchError, choose_launcher, describe_machine  # noqa: E402
-from scalelab import (  # noqa: E402
-    PORT,
+from run import BenchError, choose_launcher, describe_machine
+from scalelab import (
     POLL,
+    PORT,
     SERVER,
     TCPRR,
     LabError,
     ScaleLab,
     cpu_ticks,
-    memory_of,
     meminfo,
+    memory_of,
     tunnel_name,
     wait_for,
 )
 
-from via_tunnel.core import settings as vt_settings  # noqa: E402
+from via_tunnel.core import settings as vt_settings
 
 HOLDER_SECONDS = 3600  # a member's sleep: far longer than a run, killed at the end anyway
 Log = Callable[[str], None]
@@ -172,10 +172,10 @@ def refused(sl: ScaleLab, cap: int, log: Log) -> str:
     return f"refused at {cap + 1}: {err.splitlines()[-1] if err else '(no message)'}"
 
 
-def run_level(sl: ScaleLab, n: int, cap: int, args: argparse.Namespace, log: Log,
-              problems: list[str]) -> Level:
-    g = min(n, cap)
-    level = Level(n, g)
+def run_level(sl: ScaleLab, level: Level, cap: int, args: argparse.Namespace, log: Log,
+              problems: list[str]) -> None:
+    """Fill ``level`` (already in the report: a failure half-way keeps what was measured)."""
+    n, g = level.n, level.groups
     log(f"N={n}: {n} tunnels, {g} groups (cap {cap})")
     level.f["make tunnels s"] = sl.add_tunnels(n)
     before = sl.snapshot()
@@ -193,10 +193,14 @@ def run_level(sl: ScaleLab, n: int, cap: int, args: argparse.Namespace, log: Log
         level.f["watchers"] = len(watchers)
         level.f["watcher pss KiB"] = pss / max(1, len(watchers))
         level.f["watcher rss KiB"] = rss / max(1, len(watchers))
-    create_remove(sl, level, args.reps, log)
+    cycles = args.cycle_reps or (args.reps if g <= 10 else 1)
+    create_remove(sl, level, cycles, log)
     sl.start_holders([tunnel_name(0)], 1, HOLDER_SECONDS, timeout=120)
     sl.settle(timeout=args.bringup_timeout)
     level.f["objects"] = sl.kernel_objects()
+    level.f["nft list table s"] = sl.nft_list_seconds("table", "inet", "via_tunnel")
+    for name in level.f["objects"]["cgroup maps"]:
+        level.f["nft list cgroup map s"] = sl.nft_list_seconds("map", "inet", "via_tunnel", name)
     status_time(sl, level, args.reps, log)
     if n > cap:
         level.f["refused"] = refused(sl, cap, log)
@@ -204,16 +208,16 @@ def run_level(sl: ScaleLab, n: int, cap: int, args: argparse.Namespace, log: Log
     log(f"  teardown of {g} groups")
     level.f["teardown all s"] = sl.stop_holders(timeout=args.bringup_timeout)
     problems += [f"N={n}: {p}" for p in sl.leftovers(before)]
-    return level
+    level.f["complete"] = True
 
 
-def run_zero(sl: ScaleLab, args: argparse.Namespace, log: Log) -> Level:
+def run_zero(sl: ScaleLab, level: Level, args: argparse.Namespace, log: Log) -> None:
     """Before any group: the no-group program against the baseline, and status."""
-    level = Level(0, 0)
     log("N=0: no group yet")
+    level.f["make tunnels s"] = sl.add_tunnels(1)
     status_time(sl, level, args.reps, log)
     data_path(sl, level, args.rounds, args.seconds, False, log)
-    return level
+    level.f["complete"] = True
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -250,20 +254,25 @@ def table(levels: list[Level], cap: int) -> list[list[str]]:
     row("create G-th group (cold launch), ms", lambda lv: ms(median(sm(lv, "create"))))
     row("  ratio to baseline",
         lambda lv: f"{median(sm(lv, 'create')) / median(sm(lv, 'baseline')):.1f}x")
-    row("  ratio to N=1", lambda lv: f"{median(sm(lv, 'create')) / median(sm(by_n[1], 'create')):.2f}x"
-        if 1 in by_n and lv.n else None)
+    def to_n1(lv: Level, key: str) -> str | None:
+        if 1 not in by_n or not lv.n:
+            return None
+        return f"{median(sm(lv, key)) / median(sm(by_n[1], key)):.2f}x"
+
+    row("  ratio to N=1", lambda lv: to_n1(lv, "create"))
     row("remove G-th group (exit -> gone), ms", lambda lv: ms(median(sm(lv, "remove"))))
-    row("  ratio to N=1", lambda lv: f"{median(sm(lv, 'remove')) / median(sm(by_n[1], 'remove')):.2f}x"
-        if 1 in by_n and lv.n else None)
+    row("  ratio to N=1", lambda lv: to_n1(lv, "remove"))
     row("other watchers' CPU per create+remove, ms",
         lambda lv: ms(median(sm(lv, "watcher cpu"))) if lv.n else None)
+    row("create/remove cycles measured", lambda lv: f"{len(sm(lv, 'create'))}")
     row("  watchers idle again after remove, s",
         lambda lv: f"{median(sm(lv, 'settle after remove')):.2f}" if lv.n else None)
     row("status --json, ms", lambda lv: ms(median(sm(lv, "status"))))
     row("  ratio to baseline",
         lambda lv: f"{median(sm(lv, 'status')) / median(sm(lv, 'baseline')):.1f}x")
     for mode, what in (("rr", "TCP RR/s"), ("crr", "TCP conn/s")):
-        row(f"{what}, baseline ns (N=0)", lambda lv, m=mode: f"{median(sm(lv, f'{m} baseline')):.0f}")
+        row(f"{what}, baseline ns (N=0)",
+            lambda lv, m=mode: f"{median(sm(lv, f'{m} baseline')):.0f}")
         for variant in ("no group", "in group"):
             row(f"{what}, {variant}", lambda lv, m=mode, v=variant:
                 f"{median(sm(lv, f'{m} {v}')):.0f}")
@@ -280,6 +289,8 @@ def table(levels: list[Level], cap: int) -> list[list[str]]:
         lambda lv: f"{lv.f['watcher pss KiB']:.0f} ({lv.f['watcher rss KiB']:.0f})")
     for key in ("ip rules", "routes in our tables", "nft elements", "cgroups"):
         row(f"{key} at G", lambda lv, k=key: f"{lv.f['objects'][k]}")
+    row("`nft list table inet via_tunnel` at G, s", lambda lv: f"{lv.f['nft list table s']:.2f}")
+    row("  of it the cgroup map alone, s", lambda lv: f"{lv.f['nft list cgroup map s']:.2f}")
     row(f"launch #{cap + 1}", lambda lv: "refused" if "refused" in lv.f else
         ("—" if lv.n <= cap else "NOT refused"))
     row("teardown of all G groups, s", lambda lv: f"{lv.f['teardown all s']:.1f}")
@@ -287,7 +298,8 @@ def table(levels: list[Level], cap: int) -> list[list[str]]:
 
 
 def render(levels: list[Level], rows: list[list[str]], markdown: bool) -> str:
-    header = ["N", *(f"{lv.n}" for lv in levels)]
+    header = ["N", *(f"{lv.n}" + ("" if lv.f.get("complete") else " (incomplete)")
+                     for lv in levels)]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -309,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="data-path rounds (default 3)")
     parser.add_argument("--seconds", type=float, help="seconds per data-path run (default 2)")
     parser.add_argument("--reps", type=int, help="create/remove and status runs (default 5)")
+    parser.add_argument("--cycle-reps", type=int,
+                        help="create/remove cycles (default --reps while G <= 10, else 1: "
+                             "at G = 100 one cycle keeps the watchers busy for minutes)")
     parser.add_argument("--parallel", type=int, default=8,
                         help="launches in flight during bring-up (default 8)")
     parser.add_argument("--bringup-timeout", type=float, default=900,
@@ -344,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         sl.up()
-        zero_tunnels = sl.add_tunnels(1)
-        levels.append(run_zero(sl, args, log))
-        levels[0].f["make tunnels s"] = zero_tunnels
+        levels.append(Level(0, 0))
+        run_zero(sl, levels[-1], args, log)
         for n in ns:
-            levels.append(run_level(sl, n, cap, args, log, problems))
+            levels.append(Level(n, min(n, cap)))
+            run_level(sl, levels[-1], cap, args, log, problems)
             log(f"N={n} done after {time.monotonic() - started:.0f}s")
     except (BenchError, LabError, OSError, subprocess.SubprocessError, ValueError) as exc:
         failed = f"{type(exc).__name__}: {exc}"

@@ -361,11 +361,15 @@ class ScaleLab:
         """Wait until the watchers stop using CPU (their utime+stime unchanged for
         ``quiet`` seconds) and the global lock is free; returns the seconds it took."""
         start = time.perf_counter()
-        last = cpu_ticks(self.watchers())
+        pids = self.watchers()  # listed again every second: a /proc scan is not free
+        listed = start
+        last = cpu_ticks(pids)
         since = time.perf_counter()
         while True:
-            time.sleep(0.05)
-            now = cpu_ticks(self.watchers())
+            time.sleep(0.1)
+            if time.perf_counter() - listed >= 1:
+                pids, listed = self.watchers(), time.perf_counter()
+            now = cpu_ticks(pids)
             if now != last or not self.lock_free():
                 last, since = now, time.perf_counter()
             elif time.perf_counter() - since >= quiet:
@@ -410,9 +414,8 @@ class ScaleLab:
         for fam in ("4", "6"):
             for r in self.lab.ip_json(self.client, f"-{fam}", "route", "show", "table", "all"):
                 table = r.get("table")
-                if isinstance(table, int) or (isinstance(table, str) and table.isdigit()):
-                    if int(table) >= 0x7674_0000:
-                        routes += 1
+                if str(table).isdigit() and int(str(table)) >= 0x7674_0000:
+                    routes += 1
         elements = 0
         for kind in ("sets", "maps"):
             out = self.lab.run(self.client, ["nft", "-j", "list", kind, "inet"],
@@ -433,11 +436,21 @@ class ScaleLab:
                     for o in json.loads(one).get("nftables", []):
                         b = o.get("set") or o.get("map") or {}
                         elements += len(b.get("elem", []))
+        text = self.lab.run(self.client, ["nft", "list", "table", "inet", "via_tunnel"],
+                            check=False).stdout
+        cgroup_maps = sorted({w.strip("@;{") for w in text.split() if w.startswith("@groups_l")})
         cgroups = 0
         if os.path.isdir(self.subtree_path):
             cgroups = sum(1 for _d in os.walk(self.subtree_path)) - 1
         return {"ip rules": rules, "routes in our tables": routes,
-                "nft elements": elements, "cgroups": cgroups}
+                "nft elements": elements, "cgroups": cgroups, "cgroup maps": cgroup_maps}
+
+    def nft_list_seconds(self, *what: str) -> float:
+        """Wall seconds of one ``nft list WHAT`` in the client namespace (what a watcher's
+        repair does, through libnftables, on every netlink event)."""
+        start = time.perf_counter()
+        self.lab.run(self.client, ["nft", "list", *what], timeout=300)
+        return time.perf_counter() - start
 
 
 def cpu_ticks(pids: list[int]) -> dict[int, int]:
