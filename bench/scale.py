@@ -193,7 +193,7 @@ def run_level(sl: ScaleLab, level: Level, cap: int, args: argparse.Namespace, lo
         level.f["watchers"] = len(watchers)
         level.f["watcher pss KiB"] = pss / max(1, len(watchers))
         level.f["watcher rss KiB"] = rss / max(1, len(watchers))
-    cycles = args.cycle_reps or (args.reps if g <= 10 else 1)
+    cycles = args.cycle_reps if args.cycle_reps is not None else (args.reps if g <= 10 else 1)
     create_remove(sl, level, cycles, log)
     sl.start_holders([tunnel_name(0)], 1, HOLDER_SECONDS, timeout=120)
     sl.settle(timeout=args.bringup_timeout)
@@ -204,7 +204,8 @@ def run_level(sl: ScaleLab, level: Level, cap: int, args: argparse.Namespace, lo
     status_time(sl, level, args.reps, log)
     if n > cap:
         level.f["refused"] = refused(sl, cap, log)
-    data_path(sl, level, args.rounds, args.seconds, True, log)
+    if args.rounds:
+        data_path(sl, level, args.rounds, args.seconds, True, log)
     log(f"  teardown of {g} groups")
     level.f["teardown all s"] = sl.stop_holders(timeout=args.bringup_timeout)
     problems += [f"N={n}: {p}" for p in sl.leftovers(before)]
@@ -318,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick: 1 100)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: N=1,100, 2 rounds of 1 s, 3 reps")
-    parser.add_argument("--rounds", type=int, help="data-path rounds (default 3)")
+    parser.add_argument("--rounds", type=int,
+                        help="data-path rounds (default 3; 0: no data path at N > 0)")
     parser.add_argument("--seconds", type=float, help="seconds per data-path run (default 2)")
     parser.add_argument("--reps", type=int, help="create/remove and status runs (default 5)")
     parser.add_argument("--cycle-reps", type=int,
                         help="create/remove cycles (default --reps while G <= 10, else 1: "
-                             "at G = 100 one cycle keeps the watchers busy for minutes)")
+                             "at G = 100 one cycle keeps the watchers busy for minutes; 0: "
+                             "none)")
     parser.add_argument("--parallel", type=int, default=8,
                         help="launches in flight during bring-up (default 8)")
     parser.add_argument("--bringup-timeout", type=float, default=900,
@@ -331,11 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     ns = sorted(set(args.n or ([1, 100] if args.quick else [1, 100, 1000])))
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
     args.seconds = args.seconds or (1.0 if args.quick else 2.0)
     args.reps = args.reps or (3 if args.quick else 5)
-    if ns[0] < 1 or args.rounds < 1 or args.reps < 1 or args.parallel < 1:
-        parser.error("N, --rounds, --reps and --parallel must be at least 1")
+    if ns[0] < 1 or args.reps < 1 or args.parallel < 1:
+        parser.error("N, --reps and --parallel must be at least 1")
+    if args.rounds < 0 or (args.cycle_reps or 0) < 0:
+        parser.error("--rounds and --cycle-reps must be at least 0")
     if os.geteuid() != 0:
         print("bench/scale.py: needs root (namespaces, cgroups, nftables)", file=sys.stderr)
         return 1
