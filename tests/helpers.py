@@ -150,3 +150,16 @@ class CaptureElsewhere:
 def _is_up(lab: Lab, name: str) -> bool:
     link = lab.ip_json(lab.client, "link", "show", "dev", name)
     return bool(link) and "UP" in link[0].get("flags", [])
+
+
+def state_files(state_dir: Path) -> list[str]:
+    """The state dir's files and folders, relative to it; the net_cls hierarchy mounted in
+    it is one entry (its cgroups change under other labs' feet)."""
+    found: list[str] = []
+    for top, dirs, names in os.walk(state_dir):
+        rel = os.path.relpath(top, state_dir)
+        if os.path.ismount(top) and rel != ".":
+            dirs.clear()
+            continue
+        found.extend(os.path.normpath(os.path.join(rel, n)) for n in (*dirs, *names))
+    return found

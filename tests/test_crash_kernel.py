@@ -48,6 +48,7 @@ from helpers import (
     CaptureElsewhere,
     canonical,
     cgroup_leftovers,
+    state_files,
     via,
     via_popen,
     wait_for,
@@ -187,9 +188,7 @@ class Footprint:
         self.baseline = self.take()
 
     def take(self) -> dict[str, Any]:
-        files = sorted(name for p in self.state_dir.rglob("*")
-                       if (name := str(p.relative_to(self.state_dir))) not in PERMANENT) \
-            if self.state_dir.exists() else []
+        files = sorted(name for name in state_files(self.state_dir) if name not in PERMANENT)
         return {"kernel": canonical(self.lab.snapshot(self.lab.client)),
                 "cgroups": cgroup_leftovers(self.env), "state_dir": files}
 

@@ -30,7 +30,7 @@ from daemon_lab import (
     readable_package,
     require_setpriv,
 )
-from helpers import canonical, cgroup_leftovers, wait_for
+from helpers import canonical, cgroup_leftovers, state_files, wait_for
 
 from via_tunnel.lab.netlab import Lab
 
@@ -87,8 +87,7 @@ def process_usage(pid: int) -> dict[str, int]:
 def footprint(lab: Lab, env: dict[str, str]) -> dict[str, object]:
     state = Path(env["VIA_TUNNEL_STATE_DIR"])
     permanent = {"lock", "groups", "daemon.sock", "daemon.sock.lock"}
-    files = sorted(name for p in state.rglob("*")
-                   if (name := str(p.relative_to(state))) not in permanent)
+    files = sorted(name for name in state_files(state) if name not in permanent)
     return {"kernel": canonical(lab.snapshot(lab.client)), "cgroups": cgroup_leftovers(env),
             "state_dir": files}
 

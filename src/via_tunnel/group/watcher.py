@@ -113,12 +113,15 @@ def watch(settings: Settings, iface: str) -> None:
             rec = state.load(settings, iface)
             if rec is None:
                 return
-            if _wait(settings, rec, events) and _drain(events, {sock.fileno() for sock in events}):
-                try:
-                    with state.locked(settings):
-                        lifecycle.repair(settings, iface)
-                except Exception as exc:  # a failed repair must not end the watch
-                    _log(settings, iface, exc)
+            if _wait(settings, rec, events):
+                # Only what can have broken this group costs a repair (kernel/nlevents.py):
+                # other groups' setups and teardowns must not wake every watcher's repair.
+                if _drain(events, {sock.fileno() for sock in events}, rec):
+                    try:
+                        with state.locked(settings):
+                            lifecycle.repair(settings, iface)
+                    except Exception as exc:  # a failed repair must not end the watch
+                        _log(settings, iface, exc)
                 continue
             with state.locked(settings):
                 if lifecycle.teardown_if_empty(settings, iface):
@@ -236,19 +239,26 @@ def _event_sockets() -> list[socket.socket]:
     return sockets
 
 
-def _drain(events: list[socket.socket], ready: set[int]) -> bool:
-    """Read every pending notification; True if there was any."""
-    woke = False
+def _drain(events: list[socket.socket], ready: set[int],
+           rec: state.GroupRecord | None = None) -> bool:
+    """Read every pending notification; True if one may concern ``rec``'s group (any at
+    all without ``rec``; lost notifications always may)."""
+    from via_tunnel.kernel.nlevents import concerns
+
+    relevant = False
     for sock in events:
         if sock.fileno() not in ready:
             continue
-        woke = True
         while True:
             try:
-                if not sock.recv(65536):
-                    break
+                data = sock.recv(65536)
             except BlockingIOError:
                 break
             except OSError:  # ENOBUFS: notifications were lost; a repair covers them all
+                relevant = True
                 continue
-    return woke
+            if not data:
+                break
+            relevant = relevant or rec is None or concerns(data, sock.proto, rec.iface,
+                                                           rec.table)
+    return relevant

@@ -1,0 +1,66 @@
+"""kernel/nlevents.py: which notifications can concern a group (messages built here)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from via_tunnel.kernel import nlmsg
+from via_tunnel.kernel.nlevents import concerns
+
+OURS = 0x7674_0001
+ROUTE, NFT = socket.NETLINK_ROUTE, nlmsg.NETLINK_NETFILTER
+LO = socket.if_nametoindex("lo")
+
+
+def route(kind: int, table: int, oif: int | None = None) -> bytes:
+    body = struct.pack("=BBBBBBBBI", 2, 0, 0, 0, table if table < 256 else 0, 4, 0, 1, 0)
+    body += nlmsg.attr(15, struct.pack("=I", table))
+    if oif is not None:
+        body += nlmsg.attr(4, struct.pack("=I", oif))
+    return nlmsg.message(kind, 0, 0, body)
+
+
+def link(name: bytes) -> bytes:
+    return nlmsg.message(16, 0, 0, struct.pack("=BxHiII", 0, 0, 7, 0, 0)
+                         + nlmsg.attr(3, name + b"\0"))
+
+
+def rule(kind: int, table: int, priority: int) -> bytes:
+    return nlmsg.message(kind, 0, 0, bytes(12) + nlmsg.attr(15, struct.pack("=I", table))
+                         + nlmsg.attr(6, struct.pack("=I", priority)))
+
+
+def nft(msg: int, table: bytes) -> bytes:
+    return nlmsg.message((10 << 8) | msg, 0, 0, struct.pack("!BBH", 1, 0, 0)
+                         + nlmsg.attr(1, table + b"\0"))
+
+
+@pytest.mark.parametrize(("data", "proto", "iface", "expected"), [
+    (route(25, OURS), ROUTE, "vlan3", True),  # a route removed from our table
+    (route(24, OURS), ROUTE, "vlan3", False),  # added to it: our own setup or repair
+    (route(25, OURS + 1), ROUTE, "vlan3", False),  # another group's table
+    (route(24, 254, LO), ROUTE, "lo", True),  # the main table through our interface
+    (route(24, 254, LO), ROUTE, "vlan3", False),  # ... through another one
+    (route(24, 254), ROUTE, "vlan3", True),  # no interface named: cannot tell
+    (link(b"vt12"), ROUTE, "vlan3", False),
+    (link(b"vlan3"), ROUTE, "vlan3", True),
+    (rule(33, OURS, 5105), ROUTE, "vlan3", True),  # our rule deleted
+    (rule(33, 100, 0), ROUTE, "vlan3", True),  # a shared rule deleted
+    (rule(33, 100, 7000), ROUTE, "vlan3", False),  # a neighbour's
+    (rule(32, OURS, 5105), ROUTE, "vlan3", False),  # an addition
+    (nft(14, b"via_tunnel"), NFT, "vlan3", True),  # elements deleted from our table
+    (nft(12, b"via_tunnel"), NFT, "vlan3", False),  # elements added
+    (nft(2, b"via_tunnel"), NFT, "vlan3", True),  # nft flush ruleset
+    (nft(2, b"firewalld"), NFT, "vlan3", False),
+    (b"\x10\x00\x00", ROUTE, "vlan3", False),  # nothing complete in it
+    (struct.pack("=IHHII", 999, 16, 0, 0, 0), ROUTE, "vlan3", True),  # unreadable: may
+])
+def test_what_concerns_a_group(data: bytes, proto: int, iface: str, expected: bool) -> None:
+    assert concerns(data, proto, iface, OURS) is expected
+
+
+def test_one_message_that_concerns_is_enough() -> None:
+    assert concerns(link(b"vt12") + route(25, OURS), ROUTE, "vlan3", OURS)
