@@ -309,7 +309,12 @@ def wait_clean(env: Env, timeout: float = 10) -> None:
         wait_for(clean, timeout=timeout, what="the group's teardown")
     except AssertionError:
         diff = {k: v for k, v in state.items() if v != env.baseline[k]}
-        raise AssertionError(f"left behind after the last exit: {diff}") from None
+        why = env.box.run(["sh", "-c", "ls -la /run/via-tunnel/groups; "
+                           "cat /run/via-tunnel/watcher-errors.log; "
+                           "journalctl -b --no-pager -n 25 -u via-tunnel.service; "
+                           "systemctl list-units --no-pager 'via-tunnel*'"],
+                          check=False).stdout
+        raise AssertionError(f"left behind after the last exit: {diff}\n{why}") from None
 
 
 def wait_for(predicate: Callable[[], T], *, timeout: float = 10, what: str = "it") -> T:
