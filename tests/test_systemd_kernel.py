@@ -297,7 +297,7 @@ def _kernel_state(box: SystemdContainer) -> dict[str, Any]:
             "cgroups": groups.split()}
 
 
-def wait_clean(env: Env, timeout: float = 10) -> None:
+def wait_clean(env: Env, timeout: float = 30) -> None:
     """Wait until the container's kernel state is back to the baseline (no group left)."""
     state: dict[str, Any] = {}
 
