@@ -47,3 +47,19 @@ def test_remove_if_empty_keeps_a_directory_with_something_in_it(tmp_path: Path) 
     (subtree / "if-tun0").rmdir()
     assert remove_if_empty(str(subtree)) is True and not subtree.exists()
     assert remove_if_empty(str(subtree)) is True  # already gone
+
+
+def test_a_cgroup_being_removed_counts_as_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernfs answers ENODEV for a cgroup systemd is removing (an emptied scope)."""
+    import builtins
+    import errno
+
+    from via_tunnel.kernel import cgroup
+
+    def dying(*_args: object, **_kw: object) -> object:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(builtins, "open", dying)
+    monkeypatch.setattr(cgroup.os, "walk", lambda path: iter([(path, [], [])]))
+    assert cgroup.populated("/sys/fs/cgroup/via.slice/x.scope") is False
+    assert cgroup.members("/sys/fs/cgroup/via.slice/x.scope") == []

@@ -12,6 +12,7 @@ watcher is gone and starts another; ``via-tunnel cleanup`` recovers if none come
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -140,15 +141,24 @@ def _wait(settings: Settings, rec: state.GroupRecord, events: list[socket.socket
     on in its net_cls cgroup, and cgroup v1 has no events file: wait on a pidfd of each, and
     look again after any exit (their children, which inherit the classid, are in it too).
     """
+    # A cgroup being removed (systemd removes an emptied scope) answers ENODEV rather
+    # than ENOENT until it is gone: both mean "not there any more".
     try:
         cg_fd = os.open(os.path.join(rec.cgroup, "cgroup.events"), os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENODEV):
+            raise
         cg_fd = -1
     pidfds: list[int] = []
     try:
         # Read before polling: kernfs reports POLLPRI at once on a file descriptor that has
         # not yet read the current state (a busy loop otherwise).
-        populated = cg_fd >= 0 and cgroup.events_say_populated(os.read(cg_fd, 4096))
+        try:
+            populated = cg_fd >= 0 and cgroup.events_say_populated(os.read(cg_fd, 4096))
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+            populated = False
         if not populated:
             pidfds = _pidfds(netcls.tasks(settings.state_dir, rec.netcls))
             if not pidfds:

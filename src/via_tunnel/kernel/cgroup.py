@@ -9,7 +9,9 @@ import os
 
 from via_tunnel.core.errors import ViaTunnelError
 
-NFT_CGROUP_BASE = "/sys/fs/cgroup"  # nft resolves cgroup paths relative to this, always
+NFT_CGROUP_BASE = "/sys/fs/cgroup"
+# A cgroup being removed (systemd removes an emptied scope) answers ENODEV until it is gone.
+GONE = (errno.ENOENT, errno.ENODEV)  # nft resolves cgroup paths relative to this, always
 
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
@@ -142,8 +144,9 @@ def members(path: str) -> list[int]:
         try:
             with open(os.path.join(dirpath, "cgroup.procs")) as f:
                 pids.extend(int(x) for x in f.read().split())
-        except FileNotFoundError:
-            continue
+        except OSError as exc:
+            if exc.errno not in GONE:
+                raise
     return pids
 
 
@@ -152,7 +155,9 @@ def populated(path: str) -> bool:
     try:
         with open(os.path.join(path, "cgroup.events"), "rb") as f:
             return events_say_populated(f.read())
-    except FileNotFoundError:
+    except OSError as exc:
+        if exc.errno not in GONE:
+            raise
         return False
 
 
@@ -178,9 +183,9 @@ def remove(path: str) -> None:
     for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda t: -len(t[0])):
         try:
             os.rmdir(dirpath)
-        except FileNotFoundError:
-            pass
         except OSError as exc:
+            if exc.errno in GONE:
+                continue
             if exc.errno == errno.EBUSY:
                 raise ViaTunnelError(f"cgroup {dirpath} still has processes") from exc
             raise
