@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BenchError, choose_launcher, describe_machine
+from run import BenchError, choose_launcher, describe_machine, log, prologue
 from scalelab import LabError, ScaleLab, tunnel_name, wait_for
 
 from via_tunnel.core import settings as vt_settings
@@ -94,20 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--launches must be 1..{cap} (via-tunnel's cap of active groups)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    import os
 
-    if os.geteuid() != 0:
-        print("bench/parallel.py: needs root (namespaces, cgroups, nftables)", file=sys.stderr)
+    if not prologue("parallel.py"):
         return 1
-
-    def log(msg: str) -> None:
-        print(f"# {msg}", file=sys.stderr, flush=True)
-
-    def _stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
 
     launcher, extra_env, described = choose_launcher(None)
     log(f"via-tunnel launched as: {described}")

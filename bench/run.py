@@ -83,6 +83,50 @@ USER_TOOLS = ("useradd", "userdel", "groupdel", "setpriv")
 class BenchError(RuntimeError):
     """Something did not work: the figures would be meaningless."""
 
+def run_timed(argv: list[str], env: Mapping[str, str], *, capture: bool = True,
+              check: bool = True, timeout: float = RUN_TIMEOUT
+              ) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+    """Spawn ``argv`` and wait for it (at most ``timeout``): (wall seconds, result, with
+    stdout when ``capture``). BenchError when it times out, or exits non-zero and
+    ``check``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError(f"timed out after {timeout:g}s: {' '.join(argv)}") from None
+    elapsed = time.perf_counter() - start
+    result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise BenchError(f"exit {proc.returncode}: {' '.join(argv)}: "
+                         f"{err.decode(errors='replace').strip()[-400:]}")
+    return elapsed, result
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (the report goes to stdout)."""
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def prologue(prog: str) -> bool:
+    """Common start of every benchmark: False (after saying why) unless root; SIGTERM and
+    SIGHUP then unwind like Ctrl-C, so the caller's ``finally`` always removes its lab."""
+    if os.geteuid() != 0:
+        print(f"bench/{prog}: needs root (namespaces, cgroups, nftables)", file=sys.stderr)
+        return False
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    return True
+
+
 
 class Stats:
     """Samples of one metric, in seconds."""
@@ -152,19 +196,7 @@ class Bench:
 
     def timed(self, argv: list[str], env: Mapping[str, str] | None = None) -> float:
         """Spawn ``argv``, wait for it to exit; the wall time in seconds. Fails unless 0."""
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env or self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            _out, err = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise BenchError(f"timed out after {RUN_TIMEOUT:g}s: {' '.join(argv)}") from None
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise BenchError(f"exit {proc.returncode}: {' '.join(argv)}: "
-                             f"{err.decode(errors='replace').strip()[:400]}")
+        elapsed, _result = run_timed(argv, env or self.env, capture=False)
         return elapsed
 
     def group_up(self) -> bool:
@@ -177,18 +209,7 @@ class Bench:
 
     def client_pids(self) -> list[int]:
         """Processes living in the lab's client namespace (launchers, CMDs, watchers)."""
-        pids = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                st = os.stat(f"/proc/{name}/ns/net")
-            except OSError:
-                continue
-            if (st.st_ino, st.st_dev) == (self.client_ns.st_ino, self.client_ns.st_dev) \
-                    and not _is_zombie(int(name)):
-                pids.append(int(name))
-        return pids
+        return pids_in_netns(self.client_ns)
 
     def wait_quiet(self, keep: tuple[int, ...] = ()) -> None:
         """Wait until no group is left and no process of ours (but ``keep``) runs, and the
@@ -246,6 +267,21 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def pids_in_netns(ns: os.stat_result) -> list[int]:
+    """Live (not zombie) processes whose network namespace is ``ns`` (its stat)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{name}/ns/net")
+        except OSError:
+            continue
+        if (st.st_ino, st.st_dev) == (ns.st_ino, ns.st_dev) and not _is_zombie(int(name)):
+            pids.append(int(name))
+    return pids
 
 
 def _is_zombie(pid: int) -> bool:
@@ -644,19 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    if os.geteuid() != 0:
-        print("bench/run.py: needs root (namespaces, cgroups, nftables)", file=sys.stderr)
+    if not prologue("run.py"):
         return 1
-
-    def log(msg: str) -> None:
-        print(f"# {msg}", file=sys.stderr, flush=True)
-
-    # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally below always removes the lab.
-    def _stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
 
     try:
         launcher, extra_env, described = choose_launcher(args.src)

@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BenchError, choose_launcher, describe_machine
+from run import BenchError, choose_launcher, describe_machine, log, prologue
 from scalelab import (
     POLL,
     PORT,
@@ -342,19 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("N, --reps and --parallel must be at least 1")
     if args.rounds < 0 or (args.cycle_reps or 0) < 0:
         parser.error("--rounds and --cycle-reps must be at least 0")
-    if os.geteuid() != 0:
-        print("bench/scale.py: needs root (namespaces, cgroups, nftables)", file=sys.stderr)
+    if not prologue("scale.py"):
         return 1
     cap = vt_settings.MAX_SLOT
-
-    def log(msg: str) -> None:
-        print(f"# {msg}", file=sys.stderr, flush=True)
-
-    def _stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
 
     launcher, extra_env, described = choose_launcher(None)
     log(f"via-tunnel launched as: {described}; cap of active groups (MAX_SLOT): {cap}")

@@ -45,7 +45,7 @@ except ImportError:  # not installed in this interpreter: use the checkout's src
     from via_tunnel.lab.namespaces import ip, ip_batch, remove_namespace
     from via_tunnel.lab.procs import wait_ready
 
-from run import BenchError, cgroup2_mount_or_fail
+from run import BenchError, cgroup2_mount_or_fail, pids_in_netns, run_timed
 
 NET = ipaddress.IPv4Network("198.18.0.0/15")
 SERVER = "198.19.255.1"
@@ -198,21 +198,7 @@ class ScaleLab:
     def timed(self, argv: list[str], env: Mapping[str, str] | None = None,
               check: bool = True) -> tuple[float, subprocess.CompletedProcess[bytes]]:
         """Run ``argv`` to its end; (wall seconds, result). Fails unless 0 with ``check``."""
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env or self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise BenchError(f"timed out after {RUN_TIMEOUT:g}s: {' '.join(argv)}") from None
-        elapsed = time.perf_counter() - start
-        result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-        if check and proc.returncode != 0:
-            raise BenchError(f"exit {proc.returncode}: {' '.join(argv)}: "
-                             f"{err.decode(errors='replace').strip()[-400:]}")
-        return elapsed, result
+        return run_timed(argv, env or self.env, check=check, timeout=RUN_TIMEOUT)
 
     # -- the instance's groups, observed from outside ------------------------------------
 
@@ -260,19 +246,7 @@ class ScaleLab:
     def client_pids(self) -> list[int]:
         """Live processes in the client namespace (launchers, members, watchers)."""
         assert self._client_ns is not None
-        pids = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                st = os.stat(f"/proc/{name}/ns/net")
-            except OSError:
-                continue
-            if (st.st_ino, st.st_dev) == (self._client_ns.st_ino, self._client_ns.st_dev):
-                stat = read(f"/proc/{name}/stat")
-                if stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    pids.append(int(name))
-        return pids
+        return pids_in_netns(self._client_ns)
 
     def watchers(self) -> list[int]:
         """Watcher processes: live processes in the client namespace that are neither a
