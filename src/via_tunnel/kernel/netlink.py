@@ -252,7 +252,8 @@ def our_rules_and_tables(
     """Which of ``rules`` exist, and which of ``tables`` hold routes (for cleanup sweeps).
     Each table is dumped on its own: the kernel filters, so a host with a full routing
     table is not read through Python."""
-    from via_tunnel.kernel.rtnl import FIB_RULE_INVERT, RULE_ACTIONS, NetlinkError, route_table
+    from via_tunnel.kernel.nlmsg import FIB_RULE_INVERT
+    from via_tunnel.kernel.rtnl import RULE_ACTIONS, NetlinkError, route_table
 
     action_names = {number: name for name, number in RULE_ACTIONS.items()}
     wanted_tables = set(tables)
