@@ -183,6 +183,21 @@ def test_interface_deleted_and_recreated_while_streaming(lab: Lab, vt_env: dict[
     assert_stream_through_the_tunnel(lab, stream)
 
 
+def connection_in_flight(lab: Lab) -> bool:
+    """Whether a TCP socket of the client to the server is in a state that still sends or
+    expects packets (anything but TIME-WAIT, which only answers a retransmitted FIN)."""
+    out = lab.run(lab.client, ["ss", "-Htan", "dst", SERVER]).stdout
+    return any(line.split()[0] != "TIME-WAIT" for line in out.splitlines() if line.strip())
+
+
+def quiet_reading(lab: Lab, vt_env: dict[str, str]
+                  ) -> tuple[dict[str, int], dict[str, object]] | None:
+    """tun0's counters and the group's status, if no packet crossed tun0 meanwhile."""
+    first = lab.link_stats(lab.client, "tun0")
+    g = groups(lab, vt_env)[0]
+    return (first, g) if lab.link_stats(lab.client, "tun0") == first else None
+
+
 def test_status_counts_both_directions_like_the_interface_does(
         lab: Lab, vt_env: dict[str, str]) -> None:
     """The group's counters against tun0's own (nothing else uses tun0 in the lab)."""
@@ -195,8 +210,13 @@ def test_status_counts_both_directions_like_the_interface_does(
         r = via(lab, vt_env, "tun0", "--", "curl", "-s", "-o", "/dev/null", "-w",
                 "%{size_download}", f"http://{SERVER}/bytes/{size}")
         assert r.stdout == str(size)
-        after = lab.link_stats(lab.client, "tun0")
-        g = groups(lab, vt_env)[0]
+        # curl's exit does not end the connection: the last FIN and ACK cross tun0 after it.
+        # Read once the connection is over (its socket gone or in TIME-WAIT), and with tun0's
+        # counters unchanged across the read of the group's.
+        wait_for(lambda: not connection_in_flight(lab), timeout=10,
+                 what="curl's connection to close")
+        after, g = wait_for(lambda: quiet_reading(lab, vt_env), timeout=10,
+                            what="a reading with no packet crossing tun0")
         text = via(lab, vt_env, "status").stdout
     finally:
         holder.terminate()
