@@ -35,12 +35,18 @@ def missing_prerequisites() -> list[str]:
     return missing
 
 
-def vt_env_for(lab: Lab) -> dict[str, str]:
+def vt_env_for(lab: Lab, *, drain: bool = False) -> dict[str, str]:
     """Environment for via-tunnel runs in ``lab``: its own state dir and cgroup subtree, so
-    neither a real install nor a lab running side by side is touched."""
+    neither a real install nor a lab running side by side is touched.
+
+    Without ``drain``, a group that ends does not drain (``VIA_TUNNEL_DRAIN_MAX=0``): most
+    tests compare the client with its state before the group right after the group ends,
+    which a drain (up to 120 s of the kept table) would defer. test_drain_kernel.py tests
+    draining as it runs on a host."""
     return {
         "VIA_TUNNEL_STATE_DIR": f"/run/via-tunnel-test-{lab.prefix}",
         "VIA_TUNNEL_CGROUP": f"via-tunnel-test-{lab.prefix}",
+        **({} if drain else {"VIA_TUNNEL_DRAIN_MAX": "0"}),
         "PYTHONPATH": os.pathsep.join(
             p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p
         ),

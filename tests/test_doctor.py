@@ -407,3 +407,18 @@ def test_net_cls_mount_is_found_alone_or_co_mounted() -> None:
         "/run/via-tunnel/net_cls"
     assert parse_netcls_mount(lines[:1]) is None
     assert parse_netcls_mount(["60 23 0:41 / /x rw - cgroup2 cgroup2 rw,net_cls"]) is None
+
+
+def test_an_instance_uses_the_hosts_net_cls_mount_or_its_own_never_another_instances() -> None:
+    """Test labs side by side each mount the hierarchy below their state directory and
+    unmount it when their last group ends: one that used another's mount found its group's
+    net_cls cgroup "missing" the moment the other lab finished."""
+    from via_tunnel.kernel.cgroup import parse_netcls_mount
+
+    other = "50 23 0:40 / /run/via-tunnel-test-b/net_cls rw - cgroup via-tunnel rw,net_cls"
+    own = "51 23 0:40 / /run/via-tunnel-test-a/net_cls rw - cgroup via-tunnel rw,net_cls"
+    host = "41 31 0:38 / /sys/fs/cgroup/net_cls rw - cgroup cgroup rw,net_cls,net_prio"
+    me = "/run/via-tunnel-test-a/net_cls"
+    assert parse_netcls_mount([other, own], own=me) == me
+    assert parse_netcls_mount([other], own=me) is None  # so it mounts its own
+    assert parse_netcls_mount([other, own, host], own=me) == "/sys/fs/cgroup/net_cls"

@@ -44,11 +44,13 @@ def _answer(payload: bytes) -> bytes:
 
 
 def test_a_conntrack_entry_reads_back_from_the_kernels_layout() -> None:
-    for e in (ENTRIES[1], ENTRIES[6]._replace(zone=3)):
+    for e in (ENTRIES[1], ENTRIES[6]._replace(zone=3, timeout=117)):
         reply = conntrack.tuple_attr(conntrack.CTA_TUPLE_REPLY, e.family, e.proto, e.dst,
                                      e.reply_dst, e.dport, e.sport)
         request = conntrack.delete_request(e)  # family header, original tuple, zone
         payload = request + reply + nlmsg.attr(conntrack.CTA_MARK, struct.pack("!I", e.mark))
+        if e.timeout:
+            payload += nlmsg.attr(conntrack.CTA_TIMEOUT, struct.pack("!I", e.timeout))
         assert conntrack.parse_entry(_answer(payload)) == e
 
 

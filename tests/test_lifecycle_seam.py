@@ -51,6 +51,7 @@ class FakeKernel:
         self.table = False
         self.elements: set[str] = set()
         self.sockets_killed: list[str] = []
+        self.lingering: int | None = 0  # seconds the group's conntrack entries live on
         self.links = {"tun0": TUN, "tun1": TUN1}
 
     def model(self) -> dict[str, Any]:
@@ -125,6 +126,14 @@ class _Nft(_Part):
 
     def delete_table_command(self) -> dict[str, Any]:
         return {"delete": {"table": {"family": "inet", "name": "via_tunnel"}}}
+
+    def draining(self) -> dict[int, tuple[str, int]]:
+        out = {}
+        for e in map(json.loads, self.k.elements):
+            if e["name"] == "draining":
+                (key, iface), = e["elem"]
+                out[key["elem"]["val"]] = (iface, key["elem"]["timeout"])
+        return out
 
 
 class _Netlink(_Part):
@@ -208,7 +217,7 @@ class _NetCls(_Part):
         self.k.netcls.add(rel)
         return rel
 
-    def join(self, rel: str, pid: int) -> None:
+    def join(self, state_dir: str, rel: str, pid: int) -> None:
         self.k.call("netcls.join")
 
     def leave(self, pid: int) -> None:
@@ -260,6 +269,10 @@ class _Flows(_Part):
                             own_addresses: tuple[str, ...]) -> object:
         self.k.call("flows.reset_unmasqueraded")
         return []
+
+    def lingering(self, mark: int, mark_mask: int) -> int | None:
+        self.k.call("flows.lingering")
+        return self.k.lingering
 
 
 class _Resolvers:
@@ -438,3 +451,45 @@ def test_repair_brings_back_what_was_removed_but_never_a_group_being_torn_down(
     state.save(settings, rec)
     fake.log.clear()
     assert lifecycle.repair(settings, "tun0") is False and fake.log == []
+
+
+def test_the_last_group_drains_while_its_flows_live_and_its_mark_waits(
+        settings: Settings, fake: FakeKernel) -> None:
+    """Late packets of a group's closed flows keep its mark (conntrack): the table, whose
+    kill switch drops them, stays with the mark in ``draining`` for as long as the
+    longest entry lives (the kernel expires the element); no new group gets that mark."""
+    rec = lifecycle.ensure_group(settings, "tun0")
+    fake.lingering = 57
+    lifecycle.teardown(settings, rec)
+    assert fake.table and fake.rules == set() and fake.routes == set() \
+        and fake.cgroups == set() and state.load_all(settings) == []
+    draining = {rec.mark: ("tun0", 57)}
+    assert adapters.current().nft.draining() == draining
+    assert [json.loads(e)["name"] for e in fake.elements] == ["draining"]
+    again = lifecycle.ensure_group(settings, "tun0")
+    assert again.mark != rec.mark
+    fake.populated_groups.add(again.cgroup)
+    assert lifecycle.cleanup(settings) == [] and fake.table  # a live group, a draining one
+    fake.populated_groups.clear()
+    fake.lingering = 0
+    lifecycle.teardown(settings, again)  # nothing of its own lingers; the first still drains
+    assert fake.table and adapters.current().nft.draining() == draining
+    assert lifecycle.cleanup(settings) == []
+    fake.elements.clear()  # the kernel expired the element
+    assert lifecycle.cleanup(settings) == ["removed nft table inet via_tunnel"]
+    assert fake.model() == EMPTY
+
+
+@pytest.mark.parametrize(("lingering", "longest", "drains"),
+                         [(500, 120, 120), (None, 120, 120), (30, 0, None), (0, 120, None)])
+def test_the_drain_is_capped_assumes_the_worst_and_can_be_turned_off(
+        settings: Settings, fake: FakeKernel, lingering: int | None, longest: int,
+        drains: int | None) -> None:
+    settings.drain_max = longest
+    rec = lifecycle.ensure_group(settings, "tun0")
+    fake.lingering = lingering
+    lifecycle.teardown(settings, rec)
+    if drains is None:
+        assert fake.model() == EMPTY
+    else:
+        assert adapters.current().nft.draining() == {rec.mark: ("tun0", drains)}

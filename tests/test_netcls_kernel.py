@@ -84,7 +84,12 @@ def test_a_member_moved_out_of_its_cgroup_keeps_the_interface(
         assert lan.packets() == []
         # the group's cgroup2 group is empty, its member lives on: the group stays
         time.sleep(0.3)
-        assert [g["interface"] for g in _status(lab, vt_env)] == ["vlan3"]
+        groups = _status(lab, vt_env)
+        assert [g["interface"] for g in groups] == ["vlan3"]
+        # status lists it, with where it went
+        assert [(m["pid"], m.get("moved_to")) for m in groups[0]["members"]] \
+            == [(pid, sibling)]
+        assert f"(moved to {sibling}; still in the group)" in via(lab, vt_env, "status").stdout
         prober.stdin.write("\n")
         assert prober.stdout.readline().strip() == VETH
     finally:

@@ -6,13 +6,17 @@ import json
 import os
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from via_tunnel import __version__
 from via_tunnel.cli import trace_command
 from via_tunnel.core.errors import DEBUG_HINT, EXIT_USAGE, ViaTunnelError
+
+if TYPE_CHECKING:
+    from via_tunnel.core.settings import Settings
+    from via_tunnel.group.state import GroupRecord
 
 HELP = (
     "Run a program so that all of its traffic leaves through one interface.\n\n"
@@ -61,12 +65,21 @@ def _group_info() -> list[dict[str, object]]:
     sent = nft.group_counters("tx") if records and root else {}
     received = nft.group_counters("rx") if records and root else {}
     out = []
+    mount = cgroup.cgroup2_mount() if records else ""
     for rec in records:
-        members = []
-        for pid in cgroup.members(rec.cgroup):
+        members: list[dict[str, object]] = []
+        inside = cgroup.members(rec.cgroup)
+        for pid in inside + [p for p in _moved_members(settings, rec) if p not in inside]:
             cmd = procs.command_line(pid)
-            if cmd is not None:  # (gone meanwhile)
-                members.append({"pid": pid, "command": cmd})
+            if cmd is None:
+                continue  # (gone meanwhile)
+            member: dict[str, object] = {"pid": pid, "command": cmd}
+            if pid not in inside:  # moved out of the group's cgroup2 group (systemd-run
+                try:                # --scope, flatpak): still in the group by its classid
+                    member["moved_to"] = cgroup.own_cgroup(mount, pid)
+                except (OSError, ViaTunnelError):
+                    continue
+            members.append(member)
         key = (rec.mark, rec.iface)
         out.append({
             "interface": rec.iface, "since": rec.created, "mark": f"0x{rec.mark:08x}",
@@ -82,6 +95,36 @@ def _group_info() -> list[dict[str, object]]:
             "members": members,
         })
     return out
+
+
+def _moved_members(settings: Settings, rec: GroupRecord) -> list[int]:
+    """The group's processes seen in its net_cls cgroup, where the hierarchy is mounted in
+    this mount namespace (status never mounts it): the members something moved out of the
+    group's cgroup2 group are among them."""
+    from via_tunnel.kernel import cgroup, netcls
+
+    if not rec.netcls or cgroup.netcls_mount(
+            exact=netcls.own_mount_point(settings.state_dir)) is None:
+        return []
+    try:
+        return netcls.tasks(settings.state_dir, rec.netcls)
+    except (OSError, ViaTunnelError):
+        return []
+
+
+def _draining_info() -> list[dict[str, object]] | None:
+    """The groups that ended but still drain (lifecycle.teardown), soonest done first;
+    None for a caller who may not read our table (not root)."""
+    from via_tunnel.kernel import nft
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        draining = nft.draining()
+    except ViaTunnelError:  # no binding: no table of ours could have been made
+        return []
+    return [{"interface": iface, "mark": f"0x{mark:08x}", "seconds_left": left}
+            for mark, (iface, left) in sorted(draining.items(), key=lambda i: i[1][1])]
 
 
 def _counter(value: tuple[int, int] | None) -> dict[str, int] | None:
@@ -103,12 +146,18 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
     """List the active groups: interface and its state, traffic counters, member PIDs and
     commands, since when."""
     groups = _group_info()
+    draining = _draining_info()
     if json_out:
-        json.dump({"format": STATUS_FORMAT, "groups": groups}, sys.stdout, indent=2)
+        json.dump({"format": STATUS_FORMAT, "groups": groups, "draining": draining},
+                  sys.stdout, indent=2)
         print()
         return
+    for d in draining or []:
+        print(f"{d['interface']}  ended, draining {d['seconds_left']} s more  mark {d['mark']}"
+              "  (late packets of its closed flows are dropped)")
     if not groups:
-        print("no active groups")
+        if not draining:
+            print("no active groups")
         return
     if os.geteuid() != 0:
         print("(counters and watchers are shown to root only)")
@@ -130,7 +179,8 @@ def status(json_out: Annotated[bool, typer.Option("--json", help="Machine-readab
         elif os.geteuid() == 0:
             print("  counters missing (the nft table is being repaired or was removed)")
         for m in g["members"]:  # type: ignore[attr-defined]
-            print(f"  {m['pid']:>7}  {m['command']}")
+            moved = f"  (moved to {m['moved_to']}; still in the group)" if "moved_to" in m else ""
+            print(f"  {m['pid']:>7}  {m['command']}{moved}")
 
 
 @app.command()

@@ -79,6 +79,27 @@ def group_elements(plan: GroupPlan, verb: Literal["add", "delete"],
     return commands
 
 
+def drain_element(mark: int, iface: str, seconds: int) -> dict[str, Any]:
+    """The JSON command that keeps a torn-down group's mark draining for ``seconds``
+    (the kernel removes the element then; ruleset.nft says why it exists)."""
+    return {"add": {"element": {"family": NFT_FAMILY, "table": NFT_TABLE, "name": "draining",
+                                "elem": [[{"elem": {"val": mark, "timeout": int(seconds)}},
+                                          iface]]}}}
+
+
+def draining_in(listing: list[dict[str, Any]]) -> dict[int, tuple[str, int]]:
+    """mark -> (interface, seconds left) of the ``draining`` map in an nft JSON listing."""
+    out: dict[int, tuple[str, int]] = {}
+    for obj in listing:
+        body = obj.get("map") or {}
+        if body.get("name") != "draining":
+            continue
+        for key, iface in body.get("elem", []):
+            elem = key.get("elem", {}) if isinstance(key, dict) else {"val": key}
+            out[int(elem["val"])] = (str(iface), int(elem.get("expires", 0)))
+    return out
+
+
 def missing_from(listing: list[dict[str, Any]], plan: GroupPlan) -> bool:
     """Whether a listing of our table (nft JSON objects) lacks anything that
     ``group_elements(plan, "add")`` adds.

@@ -34,6 +34,10 @@ BUCKET_BASE = 5101  # bucket b's groups: fwmark MARK/MARK_MASK lookup TABLE at 5
 CATCH_PRIORITY = BUCKET_BASE + BUCKETS  # fwmark FLAG/FLAG unreachable: never routed by main
 CLASSID_BASE = 0x7674_0000  # net_cls classid (major "vt", minor = slot) = TABLE_BASE + slot
 UNREACHABLE_METRIC = 0xFFFF_FFFF  # kill-switch route: behind every real default
+# A group that ended drains (its mark kept, its late packets dropped) for as long as its
+# conntrack entries live, at most this long: conntrack's own TIME_WAIT timeout (the longest
+# a closed TCP flow is kept), also the timeout of an active UDP stream.
+DRAIN_MAX = 120
 NFT_TABLE = "via_tunnel"
 NFT_FAMILY = "inet"
 
@@ -41,6 +45,7 @@ ENV_STATE_DIR = "VIA_TUNNEL_STATE_DIR"
 ENV_CONFIG = "VIA_TUNNEL_CONFIG"
 DEFAULT_CONFIG = "/etc/via-tunnel/config.toml"
 ENV_CGROUP = "VIA_TUNNEL_CGROUP"
+ENV_DRAIN_MAX = "VIA_TUNNEL_DRAIN_MAX"
 
 
 SCOPE_SLICE = "via-tunnel.slice"  # systemd/via-tunnel.slice
@@ -56,17 +61,21 @@ class Settings:
     variables so that test labs running side by side never see each other's groups.
     ``scopes``: each group is a transient systemd scope in ``via-tunnel.slice`` (systemd is
     PID 1 and ``$VIA_TUNNEL_CGROUP`` does not name a subtree), else a plain directory.
+    ``drain_max``: the longest a group that ended drains (DRAIN_MAX; a test lab that compares
+    the kernel's state right after a group ends sets ``$VIA_TUNNEL_DRAIN_MAX`` to 0).
     """
 
     # A plain class, not a dataclass: this module is on the launch hot path, and importing
     # dataclasses costs more than everything else the warm launch does.
-    __slots__ = ("cgroup_subtree", "scopes", "state_dir")
+    __slots__ = ("cgroup_subtree", "drain_max", "scopes", "state_dir")
 
     def __init__(self, state_dir: str = "/run/via-tunnel",
-                 cgroup_subtree: str = "via-tunnel", scopes: bool = False) -> None:
+                 cgroup_subtree: str = "via-tunnel", scopes: bool = False,
+                 drain_max: int = DRAIN_MAX) -> None:
         self.state_dir = state_dir
         self.cgroup_subtree = cgroup_subtree.strip("/")
         self.scopes = scopes
+        self.drain_max = drain_max
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -76,6 +85,7 @@ class Settings:
             state_dir=os.environ.get(ENV_STATE_DIR) or "/run/via-tunnel",
             cgroup_subtree=subtree or (SCOPE_SLICE_PATH if scopes else "via-tunnel"),
             scopes=scopes,
+            drain_max=_seconds(os.environ.get(ENV_DRAIN_MAX), DRAIN_MAX),
         )
 
     @property
@@ -89,6 +99,20 @@ class Settings:
     @property
     def sysctl_path(self) -> str:
         return os.path.join(self.state_dir, "sysctl.json")
+
+
+def _seconds(text: str | None, default: int) -> int:
+    """A whole number of seconds, 0..default, from an environment variable; ``default`` when
+    unset or not such a number (a typo never shortens the drain past the default)."""
+    if text is None or not text.strip().isdigit():
+        return default
+    return min(int(text), default)
+
+
+def netcls_mount_point(state_dir: str) -> str:
+    """Where an instance mounts the net_cls hierarchy when the host has not (below its
+    state directory, so that test labs side by side never share one)."""
+    return os.path.join(state_dir, "net_cls")
 
 
 def config_path() -> str:

@@ -53,6 +53,9 @@ class Nft(Protocol):
     def delete_table_command(self) -> dict[str, Any]:
         """The JSON command that deletes our table."""
 
+    def draining(self) -> dict[int, tuple[str, int]]:
+        """mark -> (interface, seconds left) of the groups draining; empty without table."""
+
 
 class Netlink(Protocol):
     """rtnetlink (kernel/netlink.py): interface facts, ip rules and routes. Adds tolerate
@@ -117,7 +120,7 @@ class NetCls(Protocol):
     def ensure(self, state_dir: str, rel: str, classid: int) -> str:
         """Make the cgroup with ``classid`` (mounting the hierarchy if needed)."""
 
-    def join(self, rel: str, pid: int) -> None:
+    def join(self, state_dir: str, rel: str, pid: int) -> None:
         """Move ``pid`` into it."""
 
     def leave(self, pid: int) -> None:
@@ -168,6 +171,10 @@ class Flows(Protocol):
     def reset_unmasqueraded(self, cgroup_path: str, mark: int, mark_mask: int,
                             own_addresses: tuple[str, ...]) -> object:
         """Delete the conntrack entries of the group's flows that escaped masquerade."""
+
+    def lingering(self, mark: int, mark_mask: int) -> int | None:
+        """Seconds the longest-lived conntrack entry with the group's mark has left (0:
+        none); None when conntrack cannot be read."""
 
 
 class Resolvers(Protocol):

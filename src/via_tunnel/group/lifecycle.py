@@ -12,8 +12,11 @@ Ordering guarantees (no moment without routing for a process already in the grou
 * teardown: only when ``cgroup.events`` says unpopulated; the record is marked not ready
   first (nobody joins from then on); kill the group's remaining sockets
   (flows.kill_sockets: orphaned TCP sockets would otherwise retransmit by the LAN once the
-  rules are gone) -> nft elements -> ip rules and routes -> cgroup -> record; then what
-  the last group shared (global sysctl, our subtree).
+  rules are gone) -> nft elements (the mark goes to ``draining`` while conntrack keeps
+  flows of the group: their late packets still carry the mark, the kill switch drops
+  them; the table outlives the last group until the drain is over) -> ip rules and
+  routes -> cgroup -> record; then what the last group shared (global sysctl, our
+  subtree).
 * rollback: a setup step that fails is followed by a teardown of everything the record
   names; a teardown that fails half-way leaves the record, not ready, for ``cleanup``.
 
@@ -30,7 +33,7 @@ import time
 from typing import Any
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
-from via_tunnel.core.nftplan import group_elements
+from via_tunnel.core.nftplan import drain_element, group_elements
 from via_tunnel.core.plan import GroupPlan, IPv6Mode, RuleSpec, group_rules, shared_rules
 from via_tunnel.core.settings import (
     MARK_MASK,
@@ -101,7 +104,7 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
     records = state.load_all(settings)
-    slot = state.free_slot(records)
+    slot = state.free_slot(records, set(k.nft.draining()))
     # The shared rules come with the first group (repair puts them back if removed).
     shared = () if any(r.ready for r in records) else shared_rules()
     facts = k.netlink.link_facts(iface)
@@ -165,14 +168,18 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     nft_error: ViaTunnelError | None = None
     try:
         if k.nft.table_exists():
-            if not others:
+            drain = _drain_seconds(k, rec, settings.drain_max)
+            if not others and not drain and not _draining_others(k, rec.mark):
                 k.nft.run_json([k.nft.delete_table_command()])
-            elif k.cgroup.cgroup_id(rec.cgroup):
-                _nft_detach(k.nft, group_elements(plan, "delete"))
-            else:  # its cgroup is gone, and with it the path nft could delete it by
-                rebuilt = placement.rebuilt_level_map(
-                    rec.level, [_plan_of(r) for r in others if r.usable()])
-                _nft_detach(k.nft, group_elements(plan, "delete", cgroup=False) + rebuilt)
+            else:
+                keep = [drain_element(rec.mark, rec.iface, drain)] if drain else []
+                if k.cgroup.cgroup_id(rec.cgroup):
+                    _nft_detach(k.nft, group_elements(plan, "delete") + keep)
+                else:  # its cgroup is gone, and with it the path nft could delete it by
+                    rebuilt = placement.rebuilt_level_map(
+                        rec.level, [_plan_of(r) for r in others if r.usable()])
+                    _nft_detach(k.nft,
+                                group_elements(plan, "delete", cgroup=False) + rebuilt + keep)
     except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same
         nft_error = exc
     k.netlink.remove(plan.rules, [rec.table])
@@ -188,6 +195,22 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         placement.release(settings, os.path.dirname(rec.cgroup))  # our subtree
     if nft_error is not None:
         raise nft_error
+
+
+def _drain_seconds(k: adapters.Kernel, rec: GroupRecord, longest: int) -> int:
+    """How long the group drains: as long as a conntrack entry with its mark lives (a late
+    packet of that flow draws an answer with the mark), at most ``longest``; ``longest``
+    when conntrack cannot be read (no leak wins). Called after its sockets are destroyed,
+    so only what the kernel keeps of closed flows (TIME_WAIT, CLOSE, UDP) counts."""
+    if longest <= 0:
+        return 0
+    left = k.flows.lingering(rec.mark, MARK_MASK)
+    return longest if left is None else min(left, longest)
+
+
+def _draining_others(k: adapters.Kernel, mark: int) -> bool:
+    """Whether a group other than the one with ``mark`` still drains (the table stays)."""
+    return any(m != mark for m in k.nft.draining())
 
 
 def _nft_detach(nft: adapters.Nft, commands: list[dict[str, Any]]) -> None:
@@ -330,7 +353,7 @@ def cleanup(settings: Settings) -> list[str]:
         k.netlink.remove(rules, tables)
         done.append(f"removed {len(rules)} stray ip rule(s), {len(tables)} stray table(s)")
     if not live:
-        if k.nft.table_exists():
+        if k.nft.table_exists() and not k.nft.draining():
             k.nft.run_json([k.nft.delete_table_command()])
             done.append("removed nft table inet via_tunnel")
         k.sysctl.forget_saved(settings)

@@ -54,7 +54,7 @@ def make(settings: Settings, rec: GroupRecord, first_pid: int | None) -> None:
     if rec.netcls:
         k.netcls.ensure(settings.state_dir, rec.netcls, rec.classid)
         if first_pid is not None:
-            k.netcls.join(rec.netcls, first_pid)
+            k.netcls.join(settings.state_dir, rec.netcls, first_pid)
     if settings.scopes:
         if first_pid is None:
             raise ValueError("a scope needs its first member")

@@ -12,7 +12,7 @@ import os
 
 from via_tunnel.core import fastjson
 from via_tunnel.core.errors import ViaTunnelError
-from via_tunnel.core.settings import MAX_SLOT, Settings
+from via_tunnel.core.settings import MAX_SLOT, Settings, mark_for_slot, netcls_mount_point
 from via_tunnel.kernel.files import (
     FileLock,
     ensure_dir,
@@ -96,11 +96,12 @@ def enter(settings: Settings, rec: GroupRecord, pid: int = 0) -> None:
     Every way into a group (warm launch, early join, the daemon's move) comes here."""
     from via_tunnel.kernel import cgroup
 
-    if rec.netcls and not cgroup.join_netcls(rec.netcls, pid):
+    own = netcls_mount_point(settings.state_dir)
+    if rec.netcls and not cgroup.join_netcls(rec.netcls, pid, own):
         from via_tunnel.kernel import netcls
 
         netcls.ensure(settings.state_dir, rec.netcls, rec.classid)
-        if not cgroup.join_netcls(rec.netcls, pid):
+        if not cgroup.join_netcls(rec.netcls, pid, own):
             raise ViaTunnelError(f"cannot enter the net_cls cgroup {rec.netcls}")
     cgroup.join(rec.cgroup, pid)
 
@@ -166,10 +167,12 @@ def remove_orphan_tmp(settings: Settings) -> list[str]:
     return remove_orphan_tmp_in((settings.groups_dir, settings.state_dir))
 
 
-def free_slot(records: list[GroupRecord]) -> int:
+def free_slot(records: list[GroupRecord], reserved: set[int] | frozenset[int] = frozenset()) -> int:
+    """The lowest slot no group holds and whose mark is not in ``reserved`` (the marks of
+    groups still draining: their late packets must not become a new group's)."""
     used = {r.slot for r in records}
     for slot in range(1, MAX_SLOT + 1):
-        if slot not in used:
+        if slot not in used and mark_for_slot(slot) not in reserved:
             return slot
     raise ViaTunnelError(f"too many active groups (at most {MAX_SLOT})")
 

@@ -43,32 +43,49 @@ def parse_cgroup2_mount(lines: list[str]) -> str:
     return candidates[0]
 
 
-def netcls_mount(exact: str | None = None,
-                 mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup v1 hierarchy with net_cls is mounted in this mount namespace (the
-    mount at ``exact`` only, when given), or None."""
+NETCLS_SOURCE = "via-tunnel"  # the source of the mounts kernel/netcls.py makes
+
+
+def netcls_mount(exact: str | None = None, mountinfo: str = "/proc/self/mountinfo", *,
+                 own: str | None = None) -> str | None:
+    """Where the cgroup v1 hierarchy with net_cls is mounted in this mount namespace, or
+    None: the mount at ``exact`` only, when given; with ``own`` (this instance's mount
+    point), see :func:`parse_netcls_mount`; else the first."""
     with open(mountinfo) as f:
-        return parse_netcls_mount(f.read().splitlines(), exact)
+        return parse_netcls_mount(f.read().splitlines(), exact, own)
 
 
-def parse_netcls_mount(lines: list[str], exact: str | None = None) -> str | None:
+def parse_netcls_mount(lines: list[str], exact: str | None = None,
+                       own: str | None = None) -> str | None:
     """Pick a net_cls mount out of mountinfo lines (pure): a ``cgroup`` (v1) file system
-    whose super options name net_cls (alone, or co-mounted as ``net_cls,net_prio``)."""
+    whose super options name net_cls (alone, or co-mounted as ``net_cls,net_prio``).
+
+    With ``own``: a mount that belongs to no via-tunnel instance (the host's) first, else
+    ``own`` if mounted; never another instance's (a test lab's, with its own state
+    directory), which that instance unmounts when its last group ends."""
+    mounts = []
     for line in lines:
         left, sep, right = line.partition(" - ")
         fields, sb = left.split(" "), right.split(" ")
         if not sep or len(fields) < 5 or len(sb) < 3 or sb[0] != "cgroup":
             continue
-        point = _unescape(fields[4])
-        if "net_cls" in sb[2].split(",") and (exact is None or point == exact):
-            return point
-    return None
+        if "net_cls" in sb[2].split(","):
+            mounts.append((_unescape(fields[4]), sb[1]))
+    if exact is not None:
+        return exact if any(point == exact for point, _ in mounts) else None
+    if own is None:
+        return mounts[0][0] if mounts else None
+    hosts = [point for point, source in mounts if source != NETCLS_SOURCE]
+    if hosts:
+        return hosts[0]
+    return own if any(point == own for point, _ in mounts) else None
 
 
-def join_netcls(rel: str, pid: int = 0) -> bool:
+def join_netcls(rel: str, pid: int = 0, own: str | None = None) -> bool:
     """Move ``pid`` (0 = the caller) into the net_cls cgroup ``rel``; False when the
-    hierarchy is not mounted here or the cgroup is missing (kernel/netcls.py makes them)."""
-    mount = netcls_mount()
+    hierarchy is not mounted here or the cgroup is missing (kernel/netcls.py makes them).
+    ``own``: this instance's mount point (see :func:`parse_netcls_mount`)."""
+    mount = netcls_mount(own=own)
     if mount is None:
         return False
     try:

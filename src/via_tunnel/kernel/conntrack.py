@@ -1,10 +1,11 @@
 """Conntrack entries through the kernel's ctnetlink (``NETLINK_NETFILTER``, subsystem
 ``NFNL_SUBSYS_CTNETLINK``; ``<linux/netfilter/nfnetlink_conntrack.h>``), in-process.
 
-:func:`dump` lists the TCP and UDP entries of both families whose ct mark matches a value
-under a mask: the kernel filters (CTA_MARK, CTA_MARK_MASK), so only those cross into
-Python. :func:`delete` removes entries by their original tuple, every request in one
-datagram (where ``conntrack -D`` would be a process per entry).
+:func:`dump` lists the TCP and UDP entries of both families (with the seconds each has
+left) whose ct mark matches a value under a mask: the kernel filters (CTA_MARK,
+CTA_MARK_MASK), so only those cross into Python. :func:`delete` removes entries by their
+original tuple, every request in one datagram (where ``conntrack -D`` would be a process
+per entry).
 
 The message layouts are pure functions, tested without root.
 """
@@ -35,6 +36,7 @@ IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
+CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_ZONE = 18
 CTA_MARK_MASK = 21
@@ -60,6 +62,7 @@ class Entry(NamedTuple):
     mark: int
     family: int = socket.AF_INET
     zone: int = 0
+    timeout: int = 0  # seconds the kernel keeps it without another packet
 
     def __str__(self) -> str:
         return (f"{self.proto} {self.src}:{self.sport} -> {self.dst}:{self.dport} "
@@ -124,8 +127,10 @@ def parse_entry(msg: bytes) -> Entry | None:
         return None
     mark = struct.unpack("!I", a[CTA_MARK])[0] if len(a.get(CTA_MARK, b"")) == 4 else 0
     zone = struct.unpack("!H", a[CTA_ZONE])[0] if len(a.get(CTA_ZONE, b"")) == 2 else 0
+    timeout = struct.unpack("!I", a[CTA_TIMEOUT])[0] if len(a.get(CTA_TIMEOUT, b"")) == 4 else 0
     num, src, dst, sport, dport = orig
-    return Entry(PROTOCOLS[num], src, dst, sport, dport, reply[2], mark, family, zone)
+    return Entry(PROTOCOLS[num], src, dst, sport, dport, reply[2], mark, family, zone,
+                 timeout)
 
 
 def dump(nl: Socket, mark: int, mask: int) -> list[Entry]:

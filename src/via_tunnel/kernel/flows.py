@@ -2,7 +2,8 @@
 
 :func:`kill_sockets` destroys the sockets an exited program left behind, before teardown:
 its orphaned TCP sockets keep sending FIN and unacknowledged data, which would leave by the
-LAN once our rules are gone (NOTES.md).
+LAN once our rules are gone (NOTES.md). :func:`lingering` says how long the group's
+conntrack entries outlive it (the group drains meanwhile: lifecycle.teardown).
 
 NAT is decided once per connection, on its first packet. A flow of the group that starts
 while our nft table is missing or half rebuilt (someone ran ``nft flush ruleset``; see
@@ -63,6 +64,18 @@ def kill_sockets(cgroup_path: str, cgroup_id: int = 0) -> None:
     scope's). Best effort, as it always was: a kernel that refuses leaves them."""
     with contextlib.suppress(OSError):
         sockdiag.destroy(cgroup_path, (cgroup_id,) if cgroup_id else ())
+
+
+def lingering(mark: int, mark_mask: int) -> int | None:
+    """The longest time, in seconds, that a conntrack entry with the group's mark still
+    lives (0: none is left); None when conntrack cannot be read (the caller assumes the
+    worst). While an entry lives, a late packet of its flow (a retransmitted FIN, a
+    segment after close) draws an answer from the kernel that carries the group's mark."""
+    try:
+        with conntrack.open_socket() as nl:
+            return max((e.timeout for e in conntrack.dump(nl, mark, mark_mask)), default=0)
+    except OSError:
+        return None
 
 
 def reset_unmasqueraded(cgroup_path: str, mark: int, mark_mask: int,

@@ -26,9 +26,9 @@ import errno
 import os
 
 from via_tunnel.core.errors import ViaTunnelError
+from via_tunnel.core.settings import netcls_mount_point
 from via_tunnel.kernel import cgroup
 
-MOUNT_DIR = "net_cls"  # below the state dir
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MNT_DETACH = 2
 
@@ -64,12 +64,12 @@ def require() -> None:
 
 
 def own_mount_point(state_dir: str) -> str:
-    return os.path.join(state_dir, MOUNT_DIR)
+    return netcls_mount_point(state_dir)
 
 
 def ensure_mounted(state_dir: str) -> str:
     """The net_cls mount to use: an existing one, else ours (mounted now)."""
-    found = cgroup.netcls_mount()
+    found = cgroup.netcls_mount(own=own_mount_point(state_dir))
     if found is not None:
         return found
     if not available():
@@ -90,9 +90,9 @@ def ensure(state_dir: str, rel: str, classid: int) -> str:
     return path
 
 
-def join(rel: str, pid: int) -> None:
+def join(state_dir: str, rel: str, pid: int) -> None:
     """Move ``pid`` into the net_cls cgroup ``rel`` (made by :func:`ensure`)."""
-    if not cgroup.join_netcls(rel, pid):
+    if not cgroup.join_netcls(rel, pid, own_mount_point(state_dir)):
         raise ViaTunnelError(f"cannot enter the net_cls cgroup {rel}: it is missing")
 
 
@@ -122,12 +122,12 @@ def leave(pid: int) -> None:
 def release(state_dir: str, subtree: str) -> None:
     """No group is left: remove our subtree of the hierarchy, and unmount it if the mount
     is ours (every mount of ours stacked there, in this mount namespace)."""
-    mount = cgroup.netcls_mount()
+    target = own_mount_point(state_dir)
+    mount = cgroup.netcls_mount(own=target)
     if mount is not None:  # our subtree, and its parents that are empty then
         parts = subtree.strip("/").split("/")
         while parts and cgroup.remove_if_empty(os.path.join(mount, *parts)):
             parts.pop()
-    target = own_mount_point(state_dir)
     while cgroup.netcls_mount(exact=target) is not None:
         if not _umount(target):
             return

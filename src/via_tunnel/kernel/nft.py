@@ -148,6 +148,14 @@ def ensure_table(level: int) -> None:
         run_text(change)
 
 
+def draining() -> dict[int, tuple[str, int]]:
+    """mark -> (interface, seconds left) of the groups that are draining (ruleset.nft's
+    ``draining`` map); empty without our table."""
+    from via_tunnel.core.nftplan import draining_in
+
+    return draining_in(list_json(f"list map {NFT_FAMILY} {NFT_TABLE} draining") or [])
+
+
 def delete_table_command() -> dict[str, Any]:
     return {"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}
 

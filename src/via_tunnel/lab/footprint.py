@@ -47,7 +47,7 @@ def _remove_netcls(state_dir: str, sub: str, left: list[str]) -> None:
     """The instance's net_cls cgroups (empty ones) and its mount of that hierarchy."""
     from via_tunnel.kernel import cgroup, netcls
 
-    mount = cgroup.netcls_mount()
+    mount = cgroup.netcls_mount(own=netcls.own_mount_point(state_dir))
     if mount is not None and sub:
         top = os.path.join(mount, sub)
         for dirpath, _dirs, _files in os.walk(top, topdown=False):
