@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -100,3 +101,39 @@ def test_a_member_moved_out_of_its_cgroup_keeps_the_interface(
     wait_for(lambda: lab.snapshot(lab.client) == before, timeout=5, what="a clean client")
     assert not cgroup_leftovers(vt_env)
     assert _netcls_mounts() == mounts_before
+
+
+# Prints its PID; at the first line on stdin connects to the lab's HTTP server and keeps the
+# socket open; ends at the second.
+CONNECTOR = f"""
+import os, socket, sys
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+s = socket.create_connection(("{Lab.SERVER}", {Lab.HTTP_PORT}), timeout=5)
+print("connected", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_trace_names_a_member_moved_out_of_its_cgroup(
+        lab: Lab, vt_env: dict[str, str], sibling: str) -> None:
+    from test_trace_kernel import Trace
+
+    member = via_popen(lab, vt_env, "vlan3", "--", sys.executable, "-c", CONNECTOR,
+                       stdin=subprocess.PIPE, bufsize=1)
+    assert member.stdin is not None and member.stdout is not None
+    pid = int(member.stdout.readline())
+    trace = None
+    try:
+        with open(os.path.join(sibling, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        trace = Trace(lab, vt_env, "vlan3")
+        member.stdin.write("\n")
+        assert member.stdout.readline().strip() == "connected"
+        trace.expect(rf"  pid {pid} \S+  tcp \S+ -> {Lab.SERVER}:{Lab.HTTP_PORT}  via vlan3 ")
+    finally:
+        if trace is not None:
+            assert trace.stop() == 0
+        member.stdin.close()
+        member.wait(timeout=10)
+    wait_for(lambda: not _status(lab, vt_env), timeout=5, what="the group's teardown")

@@ -6,17 +6,13 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from via_tunnel import __version__
 from via_tunnel.cli import trace_command
 from via_tunnel.core.errors import DEBUG_HINT, EXIT_USAGE, ViaTunnelError
-
-if TYPE_CHECKING:
-    from via_tunnel.core.settings import Settings
-    from via_tunnel.group.state import GroupRecord
 
 HELP = (
     "Run a program so that all of its traffic leaves through one interface.\n\n"
@@ -53,7 +49,7 @@ def _group_info() -> list[dict[str, object]]:
     """The active groups as `status --json` prints them (the shape is documented in the
     README and the man page: keys are only ever added)."""
     from via_tunnel.core.settings import Settings
-    from via_tunnel.group import state
+    from via_tunnel.group import placement, state
     from via_tunnel.kernel import cgroup, netlink, nft, procs
 
     settings = Settings.from_env()
@@ -69,7 +65,7 @@ def _group_info() -> list[dict[str, object]]:
     for rec in records:
         members: list[dict[str, object]] = []
         inside = cgroup.members(rec.cgroup)
-        for pid in inside + [p for p in _moved_members(settings, rec) if p not in inside]:
+        for pid in inside + placement.moved_members(settings, rec):
             cmd = procs.command_line(pid)
             if cmd is None:
                 continue  # (gone meanwhile)
@@ -95,21 +91,6 @@ def _group_info() -> list[dict[str, object]]:
             "members": members,
         })
     return out
-
-
-def _moved_members(settings: Settings, rec: GroupRecord) -> list[int]:
-    """The group's processes seen in its net_cls cgroup, where the hierarchy is mounted in
-    this mount namespace (status never mounts it): the members something moved out of the
-    group's cgroup2 group are among them."""
-    from via_tunnel.kernel import cgroup, netcls
-
-    if not rec.netcls or cgroup.netcls_mount(
-            exact=netcls.own_mount_point(settings.state_dir)) is None:
-        return []
-    try:
-        return netcls.tasks(settings.state_dir, rec.netcls)
-    except (OSError, ViaTunnelError):
-        return []
 
 
 def _draining_info() -> list[dict[str, object]] | None:

@@ -74,6 +74,21 @@ def in_use(settings: Settings, rec: GroupRecord) -> bool:
                                                                   rec.netcls))
 
 
+def moved_members(settings: Settings, rec: GroupRecord) -> list[int]:
+    """The group's processes that something moved out of its cgroup2 group (systemd-run
+    --scope, flatpak): in its net_cls cgroup but not in its cgroup2 group. Read only where
+    the hierarchy is mounted in this mount namespace (never mounts: an allowed user's
+    ``status`` may not); [] otherwise."""
+    from via_tunnel.core.settings import netcls_mount_point
+    from via_tunnel.kernel import cgroup
+
+    mount = cgroup.netcls_mount(own=netcls_mount_point(settings.state_dir))
+    if not rec.netcls or mount is None:
+        return []
+    inside = set(cgroup.members(rec.cgroup))
+    return [p for p in cgroup.members(os.path.join(mount, rec.netcls)) if p not in inside]
+
+
 def put_back(home: str | None, pid: int | None) -> None:
     """A setup that failed: its first member leaves both cgroups again (before they go)."""
     if pid is None:

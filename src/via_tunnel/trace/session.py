@@ -34,8 +34,9 @@ from types import FrameType
 from via_tunnel.core.errors import KernelError, UsageError, ViaTunnelError
 from via_tunnel.core.launch_form import LAUNCH_OPTIONS, LaunchArgs, options_argv, usage
 from via_tunnel.core.settings import NFT_FAMILY, Settings
-from via_tunnel.group import state
+from via_tunnel.group import placement, state
 from via_tunnel.group.state import GroupRecord
+from via_tunnel.kernel import cgroup
 from via_tunnel.kernel.nflog import Flow, Logged, NflogSocket, flow_of
 from via_tunnel.trace.rules import (
     PREFIX_DROP,
@@ -302,8 +303,13 @@ class Tracer:
             note = {"dropped": self.unrouted.reason or "no route"}
         else:
             return None
-        who = who_sent(flow, rec.cgroup) if rec is not None else None
+        who = who_sent(flow, _members(self.settings, rec)) if rec is not None else None
         return format_line(time.time(), flow, who, **note)
+
+
+def _members(settings: Settings, rec: GroupRecord) -> list[int]:
+    """The group's processes: those in its cgroup2 group and those moved out of it."""
+    return cgroup.members(rec.cgroup) + placement.moved_members(settings, rec)
 
 
 def format_line(when: float, flow: Flow, who: Who | None, *, via: str = "",

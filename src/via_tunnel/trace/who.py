@@ -2,8 +2,9 @@
 
 The kernel does not say it with the packet, so we look it up: the socket tables of
 ``/proc/net`` (tcp, udp, raw, ping; v4 and v6) give each socket's addresses and inode, and
-``/proc/PID/fd`` of the group's members (``cgroup.procs`` of its cgroup) says whose inode it
-is. Only the group's own sockets are candidates, which keeps the match unambiguous.
+``/proc/PID/fd`` of the group's members (``cgroup.procs`` of its cgroup, and of its net_cls
+cgroup for members moved out of it) says whose inode it is. Only the group's own sockets
+are candidates, which keeps the match unambiguous.
 
 The packet is seen after masquerade, which rewrites the source address (and, only on a
 clash, the port), so the local address is never compared: the local port and protocol
@@ -19,7 +20,6 @@ import os
 import struct
 from typing import NamedTuple
 
-from via_tunnel.kernel import cgroup
 from via_tunnel.kernel.nflog import Flow
 
 _TABLES = {"tcp": ("tcp", "tcp6"), "udp": ("udp", "udp6"),
@@ -108,13 +108,13 @@ def socket_owners(pids: list[int], proc: str = "/proc") -> dict[int, Who]:
     return owners
 
 
-def who_sent(flow: Flow, cgroup_path: str, proc: str = "/proc") -> Who | None:
-    """The member of the group at ``cgroup_path`` whose socket sent ``flow``, or None
+def who_sent(flow: Flow, members: list[int], proc: str = "/proc") -> Who | None:
+    """The process among the group's ``members`` whose socket sent ``flow``, or None
     (it exited already, or the protocol has no socket table)."""
     tables = _TABLES.get(flow.proto)
     if tables is None:
         return None
-    owners = socket_owners(cgroup.members(cgroup_path), proc)
+    owners = socket_owners(members, proc)
     if not owners:
         return None
     rows: list[SocketRow] = []
