@@ -294,13 +294,19 @@ def test_sigkill_of_the_watcher_during_teardown(lab: Lab, vt_env: dict[str, str]
                                                footprint: Footprint) -> None:
     rng = random.Random(SEED + 1)
     groups = Path(vt_env["VIA_TUNNEL_STATE_DIR"]) / "groups"
+    lock = Path(vt_env["VIA_TUNNEL_STATE_DIR"]) / "watch.lock"
+
+    def watcher_pid() -> str:
+        try:
+            return lock.read_text().strip()
+        except FileNotFoundError:
+            return ""
 
     def start() -> tuple[subprocess.Popen[str], int]:
         p = via_popen(lab, vt_env, "vlan3", "--", *sender_argv("stdin"), stdin=subprocess.PIPE)
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "up"
-        pid = wait_for(lambda: (groups / "vlan3.watch").read_text().strip(), timeout=5,
-                       what="the watcher's pid")
+        pid = wait_for(watcher_pid, timeout=5, what="the watcher's pid")
         return p, int(pid)
 
     took = []

@@ -382,6 +382,6 @@ def test_a_missing_nft_binding_changes_nothing(lab: Lab, vt_env: dict[str, str],
     assert r.returncode == 125 and "libnftables Python binding is missing" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
     groups_dir = os.path.join(vt_env["VIA_TUNNEL_STATE_DIR"], "groups")
-    # The watcher started before setup finds no record and leaves, lock file and all.
+    # The watcher started before setup finds no record and leaves, its files and all.
     wait_for(lambda: not os.path.isdir(groups_dir) or not os.listdir(groups_dir), timeout=5,
              what="an empty state directory")

@@ -22,7 +22,7 @@ import pytest
 from via_tunnel.core.errors import KernelError, ViaTunnelError
 from via_tunnel.core.plan import LinkFacts, RouteSpec, RuleSpec
 from via_tunnel.core.settings import Settings
-from via_tunnel.group import adapters, lifecycle, state
+from via_tunnel.group import adapters, lifecycle, repair, state
 
 TUN = LinkFacts(name="tun0", index=7, up=True, pointopoint=True, ipv4=("10.8.0.2/32",),
                 mtu=1420)
@@ -443,14 +443,14 @@ def test_repair_brings_back_what_was_removed_but_never_a_group_being_torn_down(
     fake.routes.clear()
     fake.table, fake.elements = False, set()  # nft flush ruleset
     fake.log.clear()
-    assert lifecycle.repair(settings, "tun0") is True
+    assert repair.repair(settings, "tun0") is True
     assert fake.model()["rules"] == with_everything["rules"] and fake.table
     assert len(fake.elements) == len(with_everything["elements"])
     assert "flows.reset_unmasqueraded" in [n for n, _ in fake.log]  # its flows escaped
     rec.ready = False
     state.save(settings, rec)
     fake.log.clear()
-    assert lifecycle.repair(settings, "tun0") is False and fake.log == []
+    assert repair.repair(settings, "tun0") is False and fake.log == []
 
 
 def test_the_last_group_drains_while_its_flows_live_and_its_mark_waits(

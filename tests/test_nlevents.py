@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,31 @@ def test_what_concerns_a_group(data: bytes, proto: int, iface: str, expected: bo
 
 def test_one_message_that_concerns_is_enough() -> None:
     assert concerns(link(b"vt12") + route(25, OURS), ROUTE, "vlan3", OURS)
+
+
+def test_one_read_tells_which_of_many_groups_a_notification_concerns() -> None:
+    from via_tunnel.kernel.nlevents import affected
+
+    groups = {f"vt{n}": OURS + n for n in range(200)}
+    burst = route(25, OURS + 7) + rule(33, OURS + 9, 5110) + link(b"vt12") \
+        + rule(33, OURS + 500, 5120)  # a group that ended: nobody's
+    assert affected(burst, ROUTE, groups) == {"vt7", "vt9", "vt12"}
+    assert affected(rule(33, 100, 5100), ROUTE, groups) == set(groups)  # a shared rule
+    assert affected(nft(14, b"via_tunnel"), NFT, groups) == set(groups)
+    assert affected(route(24, OURS + 3), ROUTE, groups) == set()  # a setup's own route
+
+
+def test_inotify_names_what_was_written_renamed_and_deleted(tmp_path: Path) -> None:
+    from via_tunnel.kernel.inotify import Inotify
+
+    watch = Inotify(str(tmp_path))
+    try:
+        assert watch.read() == set()
+        (tmp_path / "a.json.tmp").write_text("{}")
+        os.rename(tmp_path / "a.json.tmp", tmp_path / "a.json")
+        (tmp_path / ".wake").write_text("")
+        (tmp_path / "a.json").unlink()
+        assert watch.read() == {"a.json.tmp", "a.json", ".wake"}
+        assert watch.read() == set()
+    finally:
+        watch.close()

@@ -29,10 +29,10 @@ def test_orphan_tmp_files_are_swept_and_nothing_else(tmp_path: Path) -> None:
     groups = Path(settings.groups_dir)
     (groups / "vlan3.json.tmp").write_text("{")  # killed during its very first save
     (tmp_path / "sysctl.json.tmp").write_text("{")
-    (groups / "eth0.watch").write_text("123")
+    (groups / state.WAKE_FILE).write_text("")
     done = state.remove_orphan_tmp(settings)
     assert len(done) == 2 and all("half-written" in line for line in done)
-    assert sorted(p.name for p in groups.iterdir()) == ["eth0.json", "eth0.watch"]
+    assert sorted(p.name for p in groups.iterdir()) == [".wake", "eth0.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["groups"]
     assert [r.iface for r in state.load_all(settings)] == ["eth0"]
     assert state.remove_orphan_tmp(settings) == []

@@ -62,6 +62,7 @@ def _group_info() -> list[dict[str, object]]:
     received = nft.group_counters("rx") if records and root else {}
     out = []
     mount = cgroup.cgroup2_mount() if records else ""
+    watcher = state.watcher_pid(settings) if records and root else None
     for rec in records:
         members: list[dict[str, object]] = []
         inside = cgroup.members(rec.cgroup)
@@ -82,7 +83,7 @@ def _group_info() -> list[dict[str, object]]:
             "table": rec.table, "cgroup": rec.cgroup, "gateway": rec.gateway4,
             "ipv6": rec.ipv6_asked or rec.ipv6, "ipv6_routed": rec.ipv6 == "tunnel",
             "dns": [a for a in (rec.dns4, rec.dns6) if a],
-            "watcher": state.watcher_pid(settings, rec.iface) if root else None,
+            "watcher": watcher if root else None,
             "ready": rec.ready,
             "link": links[rec.iface],
             "counters": {

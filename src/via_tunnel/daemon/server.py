@@ -7,14 +7,15 @@ is calling: SO_PEERCRED, and a pidfd of the caller from SO_PEERPIDFD where the k
 it), and caps each request's size and time.
 
 Groups are created and torn down by the same code as for the root launcher
-(:mod:`lifecycle` under the global lock); each group the daemon serves is watched by a thread
-running :func:`watcher.watch` while it holds the group's ``.watch`` lock, exactly as the
-detached watcher process of the root launcher does. A restarted daemon adopts the groups
-recorded in the state dir that have no watcher, so killing it loses nothing.
+(:mod:`lifecycle` under the global lock); one watcher serves all of them: a thread of the
+daemon running :func:`watcher.watch` while it holds the instance's watch lock, exactly as
+the detached watcher process of a root launcher does (whichever holds the lock watches
+every group). A restarted daemon adopts the groups recorded in the state dir when no
+watcher is alive, so killing it loses nothing.
 
 Concurrency (front.py): one selector loop accepts and reads every request, with a short
 deadline and a share per user; threads (a few, bounded) only do the work of complete
-requests, and one thread per group watches it. Signals only set flags that the loop acts
+requests, and one thread watches every group. Signals only set flags that the loop acts
 on, so a reload that fails (even with a RecursionError) keeps the old config and the daemon.
 
 Beside this module: the connections (front.py), the caller's identity and its move
@@ -74,27 +75,38 @@ class Daemon:
 
     # -- groups ---------------------------------------------------------------------
 
-    def ensure_watcher(self, iface: str) -> None:
-        """Watch ``iface``'s group from a thread unless someone (a thread of ours, a root
-        launcher's watcher process) already does. Caller holds the global lock."""
-        fd = state.hold_watch_lock(self.settings, iface, wait=False)
+    def ensure_watcher(self) -> None:
+        """Watch the groups from a thread unless someone (our thread, a root launcher's
+        watcher process) already does; wake that one, a group may be new. Caller holds
+        the global lock."""
+        fd = state.hold_watch_lock(self.settings, wait=False)
         if fd is None:
+            state.poke(self.settings)
             return
         try:
-            _start_thread(self._watch, (iface, fd), f"watch-{iface}")
+            _start_thread(self._watch, (fd,), "watch")
         except (RuntimeError, MemoryError, OSError) as exc:  # the PID limit
             os.close(fd)
-            log(f"cannot start a thread to watch {iface}: {exc}")
+            log(f"cannot start a thread to watch the groups: {exc}")
             raise ViaTunnelError("the daemon is busy; try again") from None
 
-    def _watch(self, iface: str, fd: int) -> None:
-        try:
-            watcher.watch(self.settings, iface)
-            log(f"group {iface} is empty: removed")
-        except Exception as exc:
-            log(f"watching {iface} failed: {exc!r} (`via-tunnel cleanup` removes it once empty)")
-        finally:
+    def _watch(self, fd: int) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            released = True
             os.close(fd)
+
+        try:
+            watcher.watch(self.settings, release,
+                          on_removed=lambda iface: log(f"group {iface} is empty: removed"))
+        except Exception as exc:
+            log(f"watching the groups failed: {exc!r} (`via-tunnel cleanup` removes them "
+                "once empty)")
+        finally:
+            if not released:
+                os.close(fd)
 
     def adopt(self) -> None:
         """Watch every recorded group that nobody watches (after a restart or a crash),
@@ -102,9 +114,10 @@ class Daemon:
         with state.locked(self.settings):
             for line in state.remove_orphan_tmp(self.settings):
                 log(line)
-            for rec in state.load_all(self.settings):
-                if not state.watcher_alive(self.settings, rec.iface):
-                    self.ensure_watcher(rec.iface)
+            records = state.load_all(self.settings)
+            if records and not state.watcher_alive(self.settings):
+                self.ensure_watcher()
+                for rec in records:
                     log(f"adopted group {rec.iface}")
 
     def launch(self, req: Request, peer: Peer) -> dict[str, object]:
@@ -140,7 +153,7 @@ class Daemon:
                                          dns=req.dns, exact=peer.uid != 0,
                                          first_pid=peer.pid)
             try:
-                self.ensure_watcher(req.iface)
+                self.ensure_watcher()
             except ViaTunnelError:
                 lifecycle.teardown_if_empty(self.settings, req.iface)  # nobody watches it
                 raise

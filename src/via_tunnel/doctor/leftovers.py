@@ -21,8 +21,8 @@ def check_leftovers() -> list[Check]:
     settings = Settings.from_env()
     records = state.load_all(settings)
     out: list[Check] = []
+    alive = state.watcher_alive(settings)
     for rec in records:
-        alive = state.watcher_alive(settings, rec.iface)
         if cgroup.populated(rec.cgroup):
             if not alive:
                 out.append(Check(
@@ -51,8 +51,16 @@ def check_leftovers() -> list[Check]:
         from via_tunnel.kernel import nft
 
         if not records and nft.table_exists():
-            out.append(Check("leftovers", WARN, "nft table inet via_tunnel exists but no group "
-                                                "is recorded", CLEANUP))
+            # A group that ended keeps the table while it drains (lifecycle.teardown); after
+            # the drain it stays, inert, until the next group ends or `cleanup`.
+            draining = len(nft.draining())
+            if draining:
+                nft_note = f"; {draining} ended group(s) draining"
+            else:
+                out.append(Check(
+                    "leftovers", WARN, "nft table inet via_tunnel exists but no group is "
+                    "recorded or draining (a drain that ended leaves it until the next group "
+                    "ends; it holds no group's packets)", CLEANUP))
     else:
         nft_note = "; nft table not checked (needs root)"
     known = {r.cgroup for r in records}

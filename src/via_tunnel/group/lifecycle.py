@@ -38,8 +38,6 @@ from via_tunnel.core.plan import GroupPlan, IPv6Mode, RuleSpec, group_rules, sha
 from via_tunnel.core.settings import (
     MARK_MASK,
     MAX_SLOT,
-    NFT_FAMILY,
-    NFT_TABLE,
     Settings,
     classid_for_slot,
     table_for_slot,
@@ -84,7 +82,7 @@ def _revive(settings: Settings, rec: GroupRecord, first_pid: int | None) -> None
     level's map at the new cgroup (nft keyed the old element by the old one's id)."""
     k = adapters.current()
     placement.make(settings, rec, first_pid)
-    same_level = [_plan_of(r) for r in state.load_all(settings)
+    same_level = [plan_of(r) for r in state.load_all(settings)
                   if r.level == rec.level and r.usable()]
     k.nft.run_json(placement.rebuilt_level_map(rec.level, same_level))
     state.save(settings, rec)
@@ -145,7 +143,7 @@ def _nft_attach(nft: adapters.Nft, plan: GroupPlan) -> None:
     nft.run_json(group_elements(plan, "add"))
 
 
-def _plan_of(rec: GroupRecord) -> GroupPlan:
+def plan_of(rec: GroupRecord) -> GroupPlan:
     """Enough of the plan to name everything a record's group added (teardown needs no
     facts): the same rules and nft elements, from the same functions setup used."""
     return GroupPlan(iface=rec.iface, slot=rec.slot, mark=rec.mark, table=rec.table,
@@ -159,7 +157,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     """Remove everything ``rec`` names. Idempotent; caller holds the lock and has checked
     that the group is empty (a populated cgroup makes the final rmdir fail loudly)."""
     k = adapters.current()
-    plan = _plan_of(rec)
+    plan = plan_of(rec)
     if rec.ready:  # first of all: a crash from here on leaves a record nobody will join
         rec.ready = False
         state.save(settings, rec)
@@ -177,7 +175,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
                     _nft_detach(k.nft, group_elements(plan, "delete") + keep)
                 else:  # its cgroup is gone, and with it the path nft could delete it by
                     rebuilt = placement.rebuilt_level_map(
-                        rec.level, [_plan_of(r) for r in others if r.usable()])
+                        rec.level, [plan_of(r) for r in others if r.usable()])
                     _nft_detach(k.nft,
                                 group_elements(plan, "delete", cgroup=False) + rebuilt + keep)
     except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same
@@ -187,8 +185,6 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         k.netlink.remove(shared_rules()[::-1], [])
     k.sysctl.put_back(rec.saved_sysctls)
     placement.remove(settings, rec)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state.watcher_lock_path(settings, rec.iface))
     state.delete(settings, rec.iface)
     if not others:
         k.sysctl.forget_saved(settings)
@@ -222,100 +218,6 @@ def _nft_detach(nft: adapters.Nft, commands: list[dict[str, Any]]) -> None:
         for command in commands:
             with contextlib.suppress(KernelError):
                 nft.run_json([command])
-
-
-def repair(settings: Settings, iface: str) -> bool:
-    """Put back whatever of the group of ``iface`` someone removed: our nft table, its rules
-    and elements (``nft flush ruleset``), the ip rules (systemd-networkd) and the routes
-    (the kernel drops them when the interface goes down or is re-created). Caller holds
-    the lock. Returns True when routing is in place again.
-
-    Everything is checked before it is written, so a repair of an intact group changes
-    nothing and triggers no new change event (the watcher would wake up again). While the
-    interface is down or gone, the table's ``unreachable`` default and the postrouting drop
-    keep the group closed.
-    """
-    from via_tunnel.core.plan import plan_group
-
-    rec = state.load(settings, iface)
-    if rec is None or not rec.ready:  # a group being torn down is not brought back
-        return False
-    k = adapters.current()
-    for reattached in reattach_nft(settings):
-        _reset_flows(reattached)
-    try:
-        facts = k.netlink.link_facts(iface)
-        plan = plan_group(facts, slot=rec.slot, level=rec.level,
-                          cgroup_nft_path=rec.cgroup_nft_path, gateway=rec.gateway4,
-                          ipv6="block" if rec.ipv6 == "block" else "auto",
-                          dns=tuple(a for a in (rec.dns4, rec.dns6) if a))
-        k.netlink.apply(plan.rules + shared_rules(), plan.routes)
-    except ViaTunnelError:
-        # Down, gone, changed beyond use, or half back (an IPv6 next hop before its
-        # prefix route): stay closed; the next rtnetlink event brings us back here.
-        return False
-    k.sysctl.apply_saving(plan.sysctls)  # a re-created interface starts with defaults again
-    return True
-
-
-def _reset_flows(rec: GroupRecord) -> None:
-    """After our table came back: drop the conntrack entries of the group's flows that
-    started without it (they escaped masquerade; see flows.py)."""
-    k = adapters.current()
-    try:
-        facts = k.netlink.link_facts(rec.iface)
-    except ViaTunnelError:
-        return  # the interface is gone: its routes are too, and repair comes back later
-    k.flows.reset_unmasqueraded(rec.cgroup, rec.mark, MARK_MASK,
-                              (*facts.ipv4, *facts.ipv6_global))
-
-
-def reattach_nft(settings: Settings) -> list[GroupRecord]:
-    """Make our nft table whole again for every ready group; returns the groups whose
-    routing it had to put back (empty when nothing was missing).
-
-    A table that lost rules (``nft flush table``) gets them back in one transaction that
-    flushes and re-adds every rule, keeping its chains and elements: deleting the table
-    would also drop the conntrack NAT state of the groups' flows. Missing elements follow
-    in a second transaction (JSON: nft text must not carry names).
-    """
-    from via_tunnel.core.nftplan import (
-        base_ruleset,
-        element_names,
-        level_ruleset,
-        levels_in,
-        missing_from,
-        table_damaged,
-    )
-
-    nft = adapters.current().nft
-    records = [r for r in state.load_all(settings) if r.usable()]
-    if not records:
-        return []
-    printed = nft.table_text()
-    needed = {r.level for r in records}
-    if printed is None:
-        text, have = base_ruleset(), set()
-    elif table_damaged(printed):
-        have = levels_in(printed)
-        text = f"flush table {NFT_FAMILY} {NFT_TABLE}\n" + base_ruleset() \
-            + "".join(level_ruleset(level) for level in sorted(have))
-    else:
-        text, have = "", levels_in(printed)
-    text += "".join(level_ruleset(level) for level in sorted(needed - have))
-    listing = [] if printed is None else nft.list_elements(*element_names(have | needed))
-    commands = []
-    reattached = []
-    for rec in records:
-        plan = _plan_of(rec)
-        if printed is None or missing_from(listing, plan):
-            commands += group_elements(plan, "add")
-            reattached.append(rec)
-    if text:
-        nft.run_text(text)
-    if commands:
-        nft.run_json(commands)
-    return records if text else reattached  # without rules, no group was routed
 
 
 def teardown_if_empty(settings: Settings, iface: str) -> bool:
@@ -357,6 +259,8 @@ def cleanup(settings: Settings) -> list[str]:
             k.nft.run_json([k.nft.delete_table_command()])
             done.append("removed nft table inet via_tunnel")
         k.sysctl.forget_saved(settings)
+        if not state.watcher_alive(settings):  # a watcher killed: its files stay
+            state.forget_watcher(settings)
         for child in group_cgroups(settings):
             if not k.cgroup.populated(child):
                 k.cgroup.remove(child)

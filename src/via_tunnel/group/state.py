@@ -7,6 +7,7 @@ only after everything it names is gone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 
@@ -149,6 +150,10 @@ def load_all(settings: Settings) -> list[GroupRecord]:
     return out
 
 
+def ensure_groups_dir(settings: Settings) -> None:
+    ensure_dir(settings.groups_dir)
+
+
 def save(settings: Settings, rec: GroupRecord) -> None:
     """Write atomically, so a reader never sees half a record."""
     ensure_dir(settings.groups_dir)
@@ -177,27 +182,50 @@ def free_slot(records: list[GroupRecord], reserved: set[int] | frozenset[int] = 
     raise ViaTunnelError(f"too many active groups (at most {MAX_SLOT})")
 
 
-def watcher_lock_path(settings: Settings, iface: str) -> str:
-    return os.path.join(settings.groups_dir, f"{iface}.watch")
+WAKE_FILE = ".wake"  # in groups_dir: touched to wake the watcher (watcher.poke)
 
 
-def watcher_pid(settings: Settings, iface: str) -> int | None:
-    """PID of the group's live watcher, or None."""
-    if not watcher_alive(settings, iface):
+def poke(settings: Settings) -> None:
+    """Wake the live watcher (watcher.py): a cold launch is about to make a group. The
+    watcher looks at the records (and at group cgroups without one) as soon as it gets the
+    global lock, that is once that launch is done or dead."""
+    ensure_dir(settings.groups_dir)
+    fd = os.open(os.path.join(settings.groups_dir, WAKE_FILE),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.close(fd)  # inotify: IN_CLOSE_WRITE
+
+
+def forget_watcher(settings: Settings) -> None:
+    """The leaving watcher removes its lock file and the wake file. Only under the global
+    lock, which every reader that acts on them holds too: nobody can be between opening
+    the lock file and locking it."""
+    for path in (watcher_lock_path(settings), os.path.join(settings.groups_dir, WAKE_FILE)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def watcher_lock_path(settings: Settings) -> str:
+    """The lock the instance's one watcher holds for its whole life."""
+    return os.path.join(settings.state_dir, "watch.lock")
+
+
+def watcher_pid(settings: Settings) -> int | None:
+    """PID of the live watcher (a process, or the daemon), or None."""
+    if not watcher_alive(settings):
         return None
     try:
-        with open(watcher_lock_path(settings, iface)) as f:
+        with open(watcher_lock_path(settings)) as f:
             return int(f.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
 
 
-def hold_watch_lock(settings: Settings, iface: str, *, wait: bool) -> int | None:
-    """Become the watcher of ``iface``'s group: take its watch lock and write this process's
-    PID into it (what `status` shows). Returns the lock's fd (CLOEXEC; close it to let go),
+def hold_watch_lock(settings: Settings, *, wait: bool) -> int | None:
+    """Become the instance's watcher: take the watch lock and write this process's PID
+    into it (what `status` shows). Returns the lock's fd (CLOEXEC; close it to let go),
     or None when another watcher holds it and ``wait`` is false (else wait for it)."""
-    fd = os.open(watcher_lock_path(settings, iface), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
+    ensure_dir(settings.state_dir)
+    fd = os.open(watcher_lock_path(settings), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.ftruncate(fd, 0)
@@ -211,10 +239,10 @@ def hold_watch_lock(settings: Settings, iface: str, *, wait: bool) -> int | None
     return fd
 
 
-def watcher_alive(settings: Settings, iface: str) -> bool:
-    """True while a watcher holds the group's watch lock (immune to PID reuse)."""
+def watcher_alive(settings: Settings) -> bool:
+    """True while a watcher holds the watch lock (immune to PID reuse)."""
     try:
-        fd = os.open(watcher_lock_path(settings, iface), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(watcher_lock_path(settings), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:

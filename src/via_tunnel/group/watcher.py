@@ -1,12 +1,25 @@
-"""The per-group watcher of the direct (root) launcher.
+"""The watcher: one per instance (state directory), for all of its groups.
 
-CMD is exec'd in place, so nothing of ours stays inside the group. One small process per
-group, outside it, waits for ``cgroup.events`` to say "populated 0" and then tears the group
-down under the global lock. It is started by double fork from the launcher: detached from
-the terminal (new session, stdio on /dev/null, SIGHUP ignored) and moved to the cgroup2
-root, so closing the terminal or its session scope does not take it along. It holds
-``<iface>.watch`` locked for its whole life: a launcher that can take that lock knows the
-watcher is gone and starts another; ``via-tunnel cleanup`` recovers if none comes.
+CMD is exec'd in place, so nothing of ours stays inside a group. One process outside every
+group (or a thread of the daemon) keeps each group routed while it lives and tears it down
+once it is empty, under the global lock:
+
+* ``cgroup.events`` of every group (POLLPRI on every change) says when it may have emptied;
+  once a group's cgroup2 group is empty, members moved out of it may live on in its
+  net_cls cgroup (cgroup v1 has no events file): a pidfd of each says when they exit;
+* rtnetlink and nftables notifications say when something a group relies on changed; only
+  the groups a notification can concern are repaired (kernel/nlevents.py), the table once
+  for all of them (:func:`repair.repair_many`);
+* inotify on the records' directory says when a group appeared or went, and when a cold
+  launcher woke it (:func:`state.poke`) before it makes anything.
+
+It is started by double fork from a root launcher that finds none alive: detached from the
+terminal (new session, stdio on /dev/null, SIGHUP ignored) and moved to the cgroup2 root,
+so closing the terminal or its session scope does not take it along. It holds
+``watch.lock`` for its whole life: a launcher that can take that lock knows the watcher is
+gone and starts another; ``via-tunnel cleanup`` recovers if none comes. It ends when no
+group is left, letting go of that lock while it still holds the global one, so that a
+launcher never sees a watcher that is about to leave.
 """
 
 from __future__ import annotations
@@ -19,14 +32,17 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from via_tunnel.core.settings import Settings
-from via_tunnel.group import lifecycle, state
+from via_tunnel.group import lifecycle, placement, repair, state
 from via_tunnel.kernel import cgroup, netcls, nlmsg
+from via_tunnel.kernel.inotify import Inotify
 
 
-def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> None:
-    """Start a detached watcher for ``iface`` and return once it holds its watch lock."""
+def spawn(settings: Settings, close_fds: tuple[int, ...] = ()) -> None:
+    """Start a detached watcher and return once it holds the watch lock (or found that
+    another one does)."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # first child: fork the watcher and leave at once, so CMD never sees it
@@ -37,7 +53,7 @@ def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> No
                     os.close(fd)
             os.setsid()
             if os.fork() == 0:
-                _run(settings, iface, wfd)
+                _run(settings, wfd)
                 os._exit(0)
         finally:
             os._exit(0)
@@ -47,28 +63,31 @@ def spawn(settings: Settings, iface: str, close_fds: tuple[int, ...] = ()) -> No
     os.close(rfd)
 
 
-def _run(settings: Settings, iface: str, ready_fd: int) -> None:
+def _run(settings: Settings, ready_fd: int) -> None:
     try:
-        state.hold_watch_lock(settings, iface, wait=True)  # held until this process ends
-        # The launcher may go on: the watch lock is held. If it was killed meanwhile (EPIPE),
-        # watch all the same: whatever it set up before dying is ours to remove.
+        lock = state.hold_watch_lock(settings, wait=False)
+        # The launcher may go on: a watcher holds the lock (this one, or another that a
+        # launch meanwhile started). If the launcher was killed meanwhile (EPIPE), watch
+        # all the same: whatever it set up before dying is ours to remove.
         with contextlib.suppress(OSError):
             os.write(ready_fd, b"1")
         os.close(ready_fd)
+        if lock is None:
+            return
         _detach()  # after "ready": moving between cgroups costs ~10 ms (RCU grace period)
-        watch(settings, iface)
+        watch(settings, lambda: os.close(lock))
     except BaseException as exc:
-        _log(settings, iface, exc)
+        _log(settings, "watcher", exc)
     finally:
         os._exit(0)
 
 
-def _log(settings: Settings, iface: str, exc: BaseException) -> None:
+def _log(settings: Settings, what: str, exc: BaseException) -> None:
     """Nobody is there to report to: leave a trace in the state dir."""
     with contextlib.suppress(Exception), open(
         os.path.join(settings.state_dir, "watcher-errors.log"), "a"
     ) as log:
-        log.write(f"{iface}: {exc!r}\n")
+        log.write(f"{what}: {exc!r}\n")
 
 
 def _detach() -> None:
@@ -86,96 +105,190 @@ def _detach() -> None:
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
-def watch(settings: Settings, iface: str) -> None:
-    """Keep the group of ``iface`` routed while it lives; tear it down once it is empty.
+def watch(settings: Settings, release: Callable[[], None],
+          on_removed: Callable[[str], None] | None = None) -> None:
+    """Watch every group of ``settings`` until none is left. The caller holds the watch
+    lock; ``release`` lets go of it, and is called under the global lock right before this
+    returns. ``on_removed(iface)`` after each teardown (the daemon logs it).
 
-    One poll over ``cgroup.events`` (POLLPRI on every change) and netlink notifications of
-    what the group depends on: links, addresses, routes and ip rules (rtnetlink) and
-    nftables (someone ran ``nft flush ruleset``, a firewall reloaded). After any of those
-    the group is repaired (:func:`lifecycle.repair`: check first, re-add what is gone).
-    Emptiness is re-checked under the lock: a launcher may have joined between wake-up
-    and lock.
-
-    A cold launch starts its watcher before it sets the group up, so the first look is
-    taken under the lock too: it waits for the setup, and if the setup failed there is no
-    group (and nothing to watch).
+    Every look at the groups is taken under the global lock, so a launch in progress is
+    waited for: its group is watched once it is set up, and what a launch that failed or
+    was killed left is removed (its record, or a cgroup it made before writing one).
     """
     events = _event_sockets()
-    _preload()  # while the launcher sets the group up (we wait for its lock next)
+    state.ensure_groups_dir(settings)
+    wake = Inotify(settings.groups_dir)
+    _preload()
+    watched: dict[str, _Group] = {}
+    check: set[str] | None = None  # the groups to look at; None: every recorded one
+    sweep = first = True
     try:
-        with state.locked(settings):
-            if state.load(settings, iface) is None:
-                _remove_unrecorded(settings, iface)
-                return
-            # What the sockets hold so far is the setup we waited for: nothing to repair
-            # (a repair takes the lock for a few ms, delaying a short-lived group's exit).
-            _drain(events, {sock.fileno() for sock in events})
         while True:
-            rec = state.load(settings, iface)
-            if rec is None:
-                return
-            if _wait(settings, rec, events):
-                # Only what can have broken this group costs a repair (kernel/nlevents.py):
-                # other groups' setups and teardowns must not wake every watcher's repair.
-                if _drain(events, {sock.fileno() for sock in events}, rec):
+            if check is None or check or sweep:
+                with state.locked(settings):
+                    if not _look(settings, watched, check, sweep, on_removed):
+                        state.forget_watcher(settings)
+                        release()
+                        return
+                    if first:  # what the sockets hold so far is the setup we waited for:
+                        _drain(events, {s.fileno() for s in events}, {})  # nothing to repair
+                check, sweep, first = set(), False, False
+            fired = _wait(watched, events, wake)
+            if wake.fileno() in fired:
+                names = wake.read()
+                if names is None:  # the kernel's queue overflowed: look at everything
+                    check = None
+                else:
+                    sweep = sweep or state.WAKE_FILE in names
+                    if check is not None:
+                        check |= {n[:-5] for n in names if n.endswith(".json")}
+            if check is not None:
+                check |= {g.iface for g in watched.values() if g.fds & fired}
+            ready = {s.fileno() for s in events} & fired
+            if ready:
+                concerned = _drain(events, ready, {g.iface: g.table for g in watched.values()})
+                if concerned:
                     try:
                         with state.locked(settings):
-                            lifecycle.repair(settings, iface)
+                            repair.repair_many(settings, sorted(concerned))
                     except Exception as exc:  # a failed repair must not end the watch
-                        _log(settings, iface, exc)
-                continue
-            with state.locked(settings):
-                if lifecycle.teardown_if_empty(settings, iface):
-                    return
+                        _log(settings, "repair", exc)
     finally:
         for sock in events:
             sock.close()
+        wake.close()
+        for group in watched.values():
+            group.close()
 
 
-def _wait(settings: Settings, rec: state.GroupRecord, events: list[socket.socket]) -> bool:
-    """Sleep until the group may have emptied (False) or a netlink notification came
-    (True).
+class _Group:
+    """A watched group: its record's facts, and the file descriptors that say it may have
+    emptied (its ``cgroup.events``, read to re-arm; pidfds of members moved out)."""
 
-    While its cgroup2 group is populated, ``cgroup.events`` says when that changes. Once it
-    is empty (or gone: systemd removes an emptied scope), members moved elsewhere may live
-    on in its net_cls cgroup, and cgroup v1 has no events file: wait on a pidfd of each, and
-    look again after any exit (their children, which inherit the classid, are in it too).
-    """
-    # A cgroup being removed (systemd removes an emptied scope) answers ENODEV rather
-    # than ENOENT until it is gone: both mean "not there any more".
-    try:
-        cg_fd = os.open(os.path.join(rec.cgroup, "cgroup.events"), os.O_RDONLY)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENODEV):
-            raise
-        cg_fd = -1
-    pidfds: list[int] = []
-    try:
-        # Read before polling: kernfs reports POLLPRI at once on a file descriptor that has
-        # not yet read the current state (a busy loop otherwise).
+    __slots__ = ("cgroup_fd", "fds", "iface", "pidfds", "table")
+
+    def __init__(self, rec: state.GroupRecord) -> None:
+        self.iface = rec.iface
+        self.table = rec.table
+        self.cgroup_fd = -1
+        self.pidfds: list[int] = []
+        self.fds: set[int] = set()
+
+    def arm(self, settings: Settings, rec: state.GroupRecord) -> bool:
+        """Open and read what says the group may have emptied; False when it is empty now
+        (nothing to wait for). Reading ``cgroup.events`` first matters: kernfs reports
+        POLLPRI at once on a descriptor that has not read the current state."""
+        self.close()
+        # A cgroup being removed (systemd removes an emptied scope) answers ENODEV rather
+        # than ENOENT until it is gone: both mean "not there any more".
         try:
-            populated = cg_fd >= 0 and cgroup.events_say_populated(os.read(cg_fd, 4096))
+            self.cgroup_fd = os.open(os.path.join(rec.cgroup, "cgroup.events"), os.O_RDONLY)
+            populated = cgroup.events_say_populated(os.read(self.cgroup_fd, 4096))
         except OSError as exc:
-            if exc.errno != errno.ENODEV:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
             populated = False
         if not populated:
-            pidfds = _pidfds(netcls.tasks(settings.state_dir, rec.netcls))
-            if not pidfds:
+            self.pidfds = _pidfds(netcls.tasks(settings.state_dir, rec.netcls))
+            if not self.pidfds:
                 return False
-        poller = select.poll()
-        if cg_fd >= 0:
-            poller.register(cg_fd, select.POLLPRI | select.POLLERR)
-        for fd in pidfds:
-            poller.register(fd, select.POLLIN)
-        socks = {sock.fileno() for sock in events}
-        for fd in socks:
-            poller.register(fd, select.POLLIN)
-        return bool({fd for fd, _ in poller.poll()} <= socks)
-    finally:
-        for fd in (cg_fd, *pidfds):
+        self.fds = {fd for fd in (self.cgroup_fd, *self.pidfds) if fd >= 0}
+        return True
+
+    def close(self) -> None:
+        for fd in (self.cgroup_fd, *self.pidfds):
             if fd >= 0:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.cgroup_fd, self.pidfds, self.fds = -1, [], set()
+
+
+def _look(settings: Settings, watched: dict[str, _Group], check: set[str] | None,
+          sweep: bool, on_removed: Callable[[str], None] | None) -> bool:
+    """Under the global lock: bring ``watched`` in line with the records of ``check`` (all
+    of them for None), tearing down those that are empty, and with ``sweep`` remove what
+    dead launches left. False when no group is left.
+
+    Only the groups named are read: a new group's record costs one read, not one per
+    group (records are written a few times per launch)."""
+    if check is None:
+        records = {rec.iface: rec for rec in state.load_all(settings)}
+        for iface in set(watched) - set(records):
+            watched.pop(iface).close()
+    else:
+        records = {}
+        for iface in check:
+            rec = _load(settings, iface)
+            if rec is not None:
+                records[iface] = rec
+            elif iface in watched:
+                watched.pop(iface).close()
+    for iface, rec in records.items():
+        group = watched.setdefault(iface, _Group(rec))
+        try:
+            # Empty now: tear it down. (Not empty after all: a member appeared or moved
+            # between the two looks; look again.)
+            while not group.arm(settings, rec):
+                if lifecycle.teardown_if_empty(settings, iface):
+                    watched.pop(iface).close()
+                    if on_removed is not None:
+                        on_removed(iface)
+                    break
+        except Exception as exc:  # one group's failure must not end the watch of all
+            _log(settings, iface, exc)
+            watched.pop(iface).close()  # its record stays, not ready: `cleanup` finishes
+    if sweep:
+        _sweep_unrecorded(settings, set(watched))
+    if not watched and check is not None and state.load_all(settings):
+        return _look(settings, watched, None, sweep, on_removed)  # (never missed one)
+    return bool(watched)
+
+
+def _load(settings: Settings, iface: str) -> state.GroupRecord | None:
+    """A record, or None when it is gone or not trusted (as state.load_all skips it)."""
+    from via_tunnel.core.errors import ViaTunnelError
+
+    try:
+        return state.load(settings, iface)
+    except ViaTunnelError:
+        return None
+
+
+def _sweep_unrecorded(settings: Settings, recorded: set[str]) -> None:
+    """Remove the group cgroups no record explains, with the ``.tmp`` of a record being
+    written: a cold launcher makes its cgroup before the record (early_join.py), and one
+    killed in between leaves them. Caller holds the global lock, so no launch is in
+    progress: a process still in such a cgroup is the dead launcher (a dying process
+    releases its locks before it leaves its cgroup). Wait for that, briefly."""
+    state.remove_orphan_tmp(settings)
+    with contextlib.suppress(Exception):
+        mount = cgroup.cgroup2_mount()
+        known = {placement.group_path(settings, mount, iface) for iface in recorded}
+        for path in lifecycle.group_cgroups(settings):
+            if path in known:
+                continue
+            deadline = time.monotonic() + 2
+            while cgroup.populated(path) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not cgroup.populated(path):
+                cgroup.remove(path)
+        if not recorded:
+            cgroup.remove_if_empty(lifecycle.subtree_path(settings))
+
+
+def _wait(watched: dict[str, _Group], events: list[socket.socket],
+          wake: Inotify) -> set[int]:
+    """Sleep until something happens; the file descriptors that fired."""
+    poller = select.poll()
+    for group in watched.values():
+        if group.cgroup_fd >= 0:
+            poller.register(group.cgroup_fd, select.POLLPRI | select.POLLERR)
+        for fd in group.pidfds:
+            poller.register(fd, select.POLLIN)
+    for sock in events:
+        poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake.fileno(), select.POLLIN)
+    return {fd for fd, _ in poller.poll()}
 
 
 def _pidfds(pids: list[int]) -> list[int]:
@@ -197,29 +310,6 @@ def _preload() -> None:
 
         netlink.preload()
         nft.preload()
-
-
-def _remove_unrecorded(settings: Settings, iface: str) -> None:
-    """No record under the lock: the launcher's setup failed or it was killed before it
-    wrote one. A cold launcher makes the cgroup before the record (early_join.py), so a
-    kill in between leaves an empty cgroup nobody else would remove until `cleanup`:
-    remove it, and our subtree if no group is left. Caller holds the lock.
-
-    Nobody can join such a cgroup (joins happen under the lock, into recorded groups), so a
-    process still in it is the dead launcher: a dying process releases its lock before it
-    leaves its cgroup. Wait for that, briefly."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state.watcher_lock_path(settings, iface))
-    state.delete(settings, iface)  # the .tmp of a launcher killed while writing the record
-    with contextlib.suppress(Exception):
-        path = lifecycle.group_path(settings, cgroup.cgroup2_mount(), iface)
-        deadline = time.monotonic() + 2
-        while cgroup.populated(path) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if os.path.isdir(path) and not cgroup.populated(path):
-            cgroup.remove(path)
-            if not state.load_all(settings):
-                cgroup.remove_if_empty(os.path.dirname(path))
 
 
 # rtnetlink multicast groups: links, IPv4/IPv6 addresses, routes and rules.
@@ -250,12 +340,12 @@ def _event_sockets() -> list[socket.socket]:
 
 
 def _drain(events: list[socket.socket], ready: set[int],
-           rec: state.GroupRecord | None = None) -> bool:
-    """Read every pending notification; True if one may concern ``rec``'s group (any at
-    all without ``rec``; lost notifications always may)."""
-    from via_tunnel.kernel.nlevents import concerns
+           groups: dict[str, int]) -> set[str]:
+    """Read every pending notification; the groups (interface -> table) one may concern
+    (all of them when notifications were lost)."""
+    from via_tunnel.kernel.nlevents import affected
 
-    relevant = False
+    concerned: set[str] = set()
     for sock in events:
         if sock.fileno() not in ready:
             continue
@@ -265,10 +355,10 @@ def _drain(events: list[socket.socket], ready: set[int],
             except BlockingIOError:
                 break
             except OSError:  # ENOBUFS: notifications were lost; a repair covers them all
-                relevant = True
+                concerned |= set(groups)
                 continue
             if not data:
                 break
-            relevant = relevant or rec is None or concerns(data, sock.proto, rec.iface,
-                                                           rec.table)
-    return relevant
+            if len(concerned) < len(groups):
+                concerned |= affected(data, sock.proto, groups)
+    return concerned

@@ -7,7 +7,7 @@ conntrack entries outlive it (the group drains meanwhile: lifecycle.teardown).
 
 NAT is decided once per connection, on its first packet. A flow of the group that starts
 while our nft table is missing or half rebuilt (someone ran ``nft flush ruleset``; see
-:func:`lifecycle.repair`) gets a conntrack entry without source NAT; once the table is
+:func:`repair.repair`) gets a conntrack entry without source NAT; once the table is
 back its packets are marked and routed through the interface again, but keep the LAN
 source address for as long as the entry lives (for an active UDP stream: forever). Such
 entries are found by the group's own sockets (by cgroup) and deleted: the next packet

@@ -53,7 +53,7 @@ def run(args: LaunchArgs) -> None:
             if rec is None:  # cold: the watcher first (it waits for the lock), then the join
                 from via_tunnel.group.early_join import EarlyJoin
 
-                _ensure_watcher(settings, args.iface, lock_fd)
+                _ensure_watcher(settings, lock_fd, cold=True)
                 early = EarlyJoin(settings, args.iface)
             try:
                 rec = _ensure(settings, args)
@@ -64,7 +64,7 @@ def run(args: LaunchArgs) -> None:
                     early.undo()
                 raise
         if early is None:  # (a cold launch started its watcher above)
-            _ensure_watcher(settings, args.iface, lock_fd)
+            _ensure_watcher(settings, lock_fd, cold=False)
             state.enter(settings, rec)
         # The lock is released when lock_fd closes here (CLOEXEC would do it at exec too).
     if rec.dns4 is None and rec.dns6 is None:
@@ -85,14 +85,18 @@ def _warn_if_inherited(iface: str) -> None:
         print(line, file=sys.stderr)
 
 
-def _ensure_watcher(settings: Settings, iface: str, lock_fd: int) -> None:
-    """Start the group's watcher unless one is alive (it holds the group's watch lock)."""
+def _ensure_watcher(settings: Settings, lock_fd: int, *, cold: bool) -> None:
+    """Start the instance's watcher unless one is alive (it holds the watch lock); a cold
+    launch wakes a live one instead, which then waits for this launch under the global
+    lock and watches its group (or removes what it left, if it fails or is killed)."""
     from via_tunnel.group import state
 
-    if not state.watcher_alive(settings, iface):
+    if not state.watcher_alive(settings):
         from via_tunnel.group import watcher
 
-        watcher.spawn(settings, iface, close_fds=(lock_fd,))
+        watcher.spawn(settings, close_fds=(lock_fd,))
+    elif cold:
+        state.poke(settings)
 
 
 def _ensure(settings: Settings, args: LaunchArgs) -> GroupRecord:
