@@ -107,6 +107,31 @@ def wait_for(
         time.sleep(interval)
 
 
+def process_group(pgid: int) -> str:
+    """What each process of a process group is doing (state, blocked and ignored signals,
+    where it sleeps in the kernel, its command line): why a signal did not end it."""
+    lines = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
+                    continue
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/wchan") as f:
+                wchan = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        lines.append(f"{entry} {fields['State'].strip()} blk={fields['SigBlk'].strip()} "
+                     f"ign={fields['SigIgn'].strip()} pnd={fields['ShdPnd'].strip()} "
+                     f"threads={fields['Threads'].strip()} wchan={wchan} {cmd}")
+    return "\n".join(lines) or f"no process in group {pgid}"
+
+
 def cgroup_leftovers(env: Mapping[str, str]) -> list[str]:
     """Cgroups still present below the instance's cgroup subtree (``VIA_TUNNEL_CGROUP``),
     deepest first; the subtree's own directory does not count."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cgroup_leftovers, via, via_argv, via_popen, wait_for
+from helpers import cgroup_leftovers, process_group, via, via_argv, via_popen, wait_for
 
 from via_tunnel.lab.capture import Capture
 from via_tunnel.lab.netlab import Lab
@@ -221,7 +221,11 @@ def test_group_survives_the_terminal_closing(lab: Lab, vt_env: dict[str, str],
     watcher = status(lab, vt_env)[0]["watcher"]
     assert watcher
     os.killpg(p.pid, signal.SIGHUP)
-    assert p.wait(timeout=5) == -signal.SIGHUP
+    try:
+        rc = p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGHUP did not end the session:\n{process_group(p.pid)}") from None
+    assert rc == -signal.SIGHUP
     # The watcher was in no way part of that session: it removes the group.
     wait_for(lambda: not status(lab, vt_env), timeout=5, what="teardown by the watcher")
 
