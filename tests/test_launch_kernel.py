@@ -272,6 +272,48 @@ def test_cleanup_recovers_from_a_dead_watcher_and_spares_live_groups(
     assert "removed group vlan3" in r.stdout  # ...until cleanup did
 
 
+def test_one_watcher_serves_every_group_and_leaves_with_the_last(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    """Three groups, one watcher process (it takes each new group over, woken by the cold
+    launch); each group goes when its member exits, the watcher with the last one, and its
+    files with it."""
+    state_dir = vt_env["VIA_TUNNEL_STATE_DIR"]
+    holders = [via_popen(lab, vt_env, iface, "--", "sleep", "30")
+               for iface in ("vlan3", "tun0", "eth0")]
+    try:
+        groups = wait_for(lambda: len(status(lab, vt_env)) == 3 and status(lab, vt_env),
+                          timeout=10, what="three groups")
+        watchers = {g["watcher"] for g in groups}
+        assert len(watchers) == 1 and None not in watchers, groups
+        (pid,) = watchers
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"via_tunnel" in f.read()
+        for g in groups:  # it is in none of them
+            assert str(pid) not in Path(g["cgroup"], "cgroup.procs").read_text().split()
+        for left, holder in zip((2, 1, 0), holders, strict=True):
+            holder.terminate()
+            holder.wait(timeout=5)
+            wait_for(lambda n=left: len(status(lab, vt_env)) == n, timeout=5,  # type: ignore[misc]
+                     what=f"{left} group(s) left")
+            assert all(g["watcher"] == pid for g in status(lab, vt_env))
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=5,
+                 what="the watcher to leave")
+        assert not os.path.exists(os.path.join(state_dir, "watch.lock"))
+        assert not os.path.exists(os.path.join(state_dir, "groups", ".wake"))
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def status(lab: Lab, env: dict[str, str]) -> list[dict]:  # type: ignore[type-arg]
     return list(json.loads(via(lab, env, "status", "--json").stdout)["groups"])
 
