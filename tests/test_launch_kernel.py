@@ -213,8 +213,11 @@ def test_twenty_concurrent_launches(lab: Lab, vt_env: dict[str, str], clean: Non
 def test_group_survives_the_terminal_closing(lab: Lab, vt_env: dict[str, str],
                                              clean: None) -> None:
     # A new session stands in for a terminal; SIGHUP to it is what closing the terminal does.
+    # In a terminal SIGHUP is not ignored; the test's own environment may ignore it (a run
+    # under nohup), and CMD keeps what it inherits (exec in place): start from the default.
     p = subprocess.Popen(via_argv(lab, "vlan3", "--", "sh", "-c", "sleep 30"),
                          env={**os.environ, **vt_env}, start_new_session=True,
+                         preexec_fn=_hangup_default,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: status(lab, vt_env) and status(lab, vt_env)[0]["members"], timeout=5,
              what="group")
@@ -228,6 +231,10 @@ def test_group_survives_the_terminal_closing(lab: Lab, vt_env: dict[str, str],
     assert rc == -signal.SIGHUP
     # The watcher was in no way part of that session: it removes the group.
     wait_for(lambda: not status(lab, vt_env), timeout=5, what="teardown by the watcher")
+
+
+def _hangup_default() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def test_status_lists_groups_members_and_since(lab: Lab, vt_env: dict[str, str],
