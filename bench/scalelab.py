@@ -239,10 +239,6 @@ class ScaleLab:
     def footprint_gone(self) -> bool:
         return not self.records() and not os.path.exists(self.subtree_path)
 
-    def watcher_pid(self, iface: str) -> int | None:
-        text = read(os.path.join(self.state_dir, "groups", f"{iface}.watch")).strip()
-        return int(text) if text.isdigit() and os.path.exists(f"/proc/{text}") else None
-
     def client_pids(self) -> list[int]:
         """Live processes in the client namespace (launchers, members, watchers)."""
         assert self._client_ns is not None
