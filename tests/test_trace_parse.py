@@ -266,3 +266,21 @@ def test_trace_help_still_works(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_app(["trace", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(o.name in out for o in launch_form.LAUNCH_OPTIONS)
+
+
+def test_a_trace_line_is_one_write_so_cmds_output_cannot_split_it() -> None:
+    """CMD shares trace's stdout; with PYTHONUNBUFFERED, print() writes the text and the
+    newline in two calls and CMD's output could land in between (seen in CI)."""
+    import io
+
+    from via_tunnel.trace.session import say
+
+    calls: list[str] = []
+
+    class Writes(io.StringIO):
+        def write(self, s: str) -> int:
+            calls.append(s)
+            return len(s)
+
+    say("12:00:00.000  pid 7 curl  tcp 10.0.0.1:5 -> 10.0.0.2:80  via tun0", Writes())
+    assert calls == ["12:00:00.000  pid 7 curl  tcp 10.0.0.1:5 -> 10.0.0.2:80  via tun0\n"]

@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         dns_serve(args.addresses, args.log)
         return 0
     got = dns_query(args.server, args.name, tcp=args.tcp, timeout=args.timeout)  # dns
-    print(got or "FAIL")
+    # One write with its newline (print makes two when PYTHONUNBUFFERED is set): under
+    # `via-tunnel trace`, trace's lines share this output and must not land in between.
+    sys.stdout.write(f"{got or 'FAIL'}\n")
     return 0 if got else 1
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from types import FrameType
+from typing import TextIO
 
 from via_tunnel.core.errors import KernelError, UsageError, ViaTunnelError
 from via_tunnel.core.launch_form import LAUNCH_OPTIONS, LaunchArgs, options_argv, usage
@@ -154,8 +155,7 @@ class Tracer:
         nft.run_json(table_commands(self.nflog.group))
         self.unrouted = Unrouted(self.iface)
         self._sync()
-        print(f"via-tunnel: tracing {self.iface} (Ctrl-C to stop)", file=sys.stderr,
-              flush=True)
+        say(f"via-tunnel: tracing {self.iface} (Ctrl-C to stop)", sys.stderr)
 
     def stop(self) -> None:
         """Remove everything start() added; safe to call at any point, and twice."""
@@ -200,14 +200,13 @@ class Tracer:
             with contextlib.suppress(KernelError):
                 nft.run_json(group_elements(old.mark, old.iface, "delete"))
             self.traced = None
-            print(f"via-tunnel: the group of {self.iface} ended", file=sys.stderr, flush=True)
+            say(f"via-tunnel: the group of {self.iface} ended", sys.stderr)
         self.unrouted.follow(rec)
         if rec is not None:
             nft.run_json(group_elements(rec.mark, rec.iface, "add"))
             self.traced = rec
             if old is not None:
-                print(f"via-tunnel: a new group of {self.iface} started", file=sys.stderr,
-                      flush=True)
+                say(f"via-tunnel: a new group of {self.iface} started", sys.stderr)
 
     # -- CMD -----------------------------------------------------------------------------
 
@@ -273,13 +272,12 @@ class Tracer:
         assert self.nflog is not None
         packets, lost = self.nflog.read()
         if lost:
-            print("via-tunnel: some events were lost (too many at once)", file=sys.stderr,
-                  flush=True)
+            say("via-tunnel: some events were lost (too many at once)", sys.stderr)
         for logged in packets:
             line = self._describe(logged)
             if line is not None:
                 try:
-                    print(line, flush=True)
+                    say(line, sys.stdout)
                 except BrokenPipeError:  # `trace ... | head`: the reader is done
                     self.stopping = True
                     return
@@ -310,6 +308,14 @@ class Tracer:
 def _members(settings: Settings, rec: GroupRecord) -> list[int]:
     """The group's processes: those in its cgroup2 group and those moved out of it."""
     return cgroup.members(rec.cgroup) + placement.moved_members(settings, rec)
+
+
+def say(line: str, stream: TextIO) -> None:
+    """One line on ``stream`` in one write: CMD writes to the same terminal or pipe, and
+    ``print`` writes the text and its newline separately when Python's output is
+    unbuffered (PYTHONUNBUFFERED), so CMD's output could land in between."""
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def format_line(when: float, flow: Flow, who: Who | None, *, via: str = "",

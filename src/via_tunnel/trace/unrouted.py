@@ -145,4 +145,5 @@ class Unrouted:
 
 
 def _say(message: str) -> None:
-    print(f"via-tunnel: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"via-tunnel: {message}\n")  # one write: see session.say
+    sys.stderr.flush()
