@@ -128,6 +128,7 @@ class _Nft(_Part):
         return {"delete": {"table": {"family": "inet", "name": "via_tunnel"}}}
 
     def draining(self) -> dict[int, tuple[str, int]]:
+        self.k.call("nft.draining")
         out = {}
         for e in map(json.loads, self.k.elements):
             if e["name"] == "draining":
@@ -376,6 +377,7 @@ def test_teardown_clears_ready_first_and_deletes_the_record_last(
     assert names == with_record + after
     assert with_record[-2:] == ["cgroup.remove", "netcls.remove"]
     assert after == ["sysctl.forget_saved", "cgroup.remove_if_empty", "netcls.release"]
+    assert "nft.draining" not in names  # no drain was ever noted: the map is not listed
     assert state.load(settings, "tun0") is None and fake.model() == EMPTY
 
 
@@ -466,8 +468,9 @@ def test_the_last_group_drains_while_its_flows_live_and_its_mark_waits(
     draining = {rec.mark: ("tun0", 57)}
     assert adapters.current().nft.draining() == draining
     assert [json.loads(e)["name"] for e in fake.elements] == ["draining"]
+    fake.log.clear()
     again = lifecycle.ensure_group(settings, "tun0")
-    assert again.mark != rec.mark
+    assert again.mark != rec.mark and "nft.draining" in [name for name, _ in fake.log]
     fake.populated_groups.add(again.cgroup)
     assert lifecycle.cleanup(settings) == [] and fake.table  # a live group, a draining one
     fake.populated_groups.clear()

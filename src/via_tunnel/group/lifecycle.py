@@ -102,7 +102,8 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
     records = state.load_all(settings)
-    slot = state.free_slot(records, set(k.nft.draining()))
+    draining = k.nft.draining() if state.drain_may_be_live(settings) else {}
+    slot = state.free_slot(records, set(draining))
     # The shared rules come with the first group (repair puts them back if removed).
     shared = () if any(r.ready for r in records) else shared_rules()
     facts = k.netlink.link_facts(iface)
@@ -167,9 +168,12 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
     try:
         if k.nft.table_exists():
             drain = _drain_seconds(k, rec, settings.drain_max)
-            if not others and not drain and not _draining_others(k, rec.mark):
+            if not others and not drain and not _draining_others(k, settings, rec.mark):
                 k.nft.run_json([k.nft.delete_table_command()])
+                state.forget_drains(settings)
             else:
+                if drain:
+                    state.note_drain(settings, drain)
                 keep = [drain_element(rec.mark, rec.iface, drain)] if drain else []
                 if k.cgroup.cgroup_id(rec.cgroup):
                     _nft_detach(k.nft, group_elements(plan, "delete") + keep)
@@ -204,9 +208,10 @@ def _drain_seconds(k: adapters.Kernel, rec: GroupRecord, longest: int) -> int:
     return longest if left is None else min(left, longest)
 
 
-def _draining_others(k: adapters.Kernel, mark: int) -> bool:
-    """Whether a group other than the one with ``mark`` still drains (the table stays)."""
-    return any(m != mark for m in k.nft.draining())
+def _draining_others(k: adapters.Kernel, settings: Settings, mark: int) -> bool:
+    """Whether a group other than the one with ``mark`` still drains (the table stays).
+    The map is listed only while the state dir says a drain may be live."""
+    return state.drain_may_be_live(settings) and any(m != mark for m in k.nft.draining())
 
 
 def _nft_detach(nft: adapters.Nft, commands: list[dict[str, Any]]) -> None:
@@ -257,6 +262,7 @@ def cleanup(settings: Settings) -> list[str]:
     if not live:
         if k.nft.table_exists() and not k.nft.draining():
             k.nft.run_json([k.nft.delete_table_command()])
+            state.forget_drains(settings)
             done.append("removed nft table inet via_tunnel")
         k.sysctl.forget_saved(settings)
         if not state.watcher_alive(settings):  # a watcher killed: its files stay

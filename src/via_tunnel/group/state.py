@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 
 from via_tunnel.core import fastjson
 from via_tunnel.core.errors import ViaTunnelError
@@ -170,6 +171,47 @@ def remove_orphan_tmp(settings: Settings) -> list[str]:
     writer holds it, so no ``.tmp`` found then belongs to a live writer. Returns a line
     per file removed."""
     return remove_orphan_tmp_in((settings.groups_dir, settings.state_dir))
+
+
+def _boottime() -> float:
+    """Seconds on the clock the kernel's timers follow (never set, never jumps back)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def drain_path(settings: Settings) -> str:
+    return os.path.join(settings.state_dir, "draining")
+
+
+def note_drain(settings: Settings, seconds: int) -> None:
+    """Remember, before the drain's element is added, until when a drain may be live: the
+    teardown of the last group and a new group's slot consult our table's ``draining`` map
+    only before then (listing the map costs a few ms on every launch and exit)."""
+    until = max(_drain_until(settings), int(_boottime()) + seconds + 2)
+    ensure_dir(settings.state_dir)
+    write_json(drain_path(settings), {"until": until})
+
+
+def drain_may_be_live(settings: Settings) -> bool:
+    """False only when no drain can be live (none noted, or all over by the clock)."""
+    return _drain_until(settings) > _boottime()
+
+
+def forget_drains(settings: Settings) -> None:
+    """Our table is gone, and with it every drain."""
+    remove_json(drain_path(settings))
+
+
+def _drain_until(settings: Settings) -> float:
+    try:
+        raw = read_trusted(drain_path(settings))
+    except (OSError, ViaTunnelError):
+        return float("inf")  # unreadable: assume a drain is live (the map says for sure)
+    if raw is None:
+        return 0.0
+    try:
+        return float(fastjson.loads(raw)["until"])  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def free_slot(records: list[GroupRecord], reserved: set[int] | frozenset[int] = frozenset()) -> int:
