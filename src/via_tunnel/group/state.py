@@ -142,13 +142,19 @@ def load_all(settings: Settings) -> list[GroupRecord]:
     out = []
     for name in names:
         if name.endswith(".json"):
-            try:
-                rec = load(settings, name[:-5])
-            except ViaTunnelError:
-                continue  # not ours to act on (doctor and the daemon's start-up say why)
+            rec = load_or_none(settings, name[:-5])
             if rec is not None:
                 out.append(rec)
     return out
+
+
+def load_or_none(settings: Settings, iface: str) -> GroupRecord | None:
+    """:func:`load`, with a record we do not trust read as none: not ours to act on
+    (doctor and the daemon's start-up say why)."""
+    try:
+        return load(settings, iface)
+    except ViaTunnelError:
+        return None
 
 
 def ensure_groups_dir(settings: Settings) -> None:

@@ -218,7 +218,7 @@ def _look(settings: Settings, watched: dict[str, _Group], check: set[str] | None
     else:
         records = {}
         for iface in check:
-            rec = _load(settings, iface)
+            rec = state.load_or_none(settings, iface)
             if rec is not None:
                 records[iface] = rec
             elif iface in watched:
@@ -242,16 +242,6 @@ def _look(settings: Settings, watched: dict[str, _Group], check: set[str] | None
     if not watched and check is not None and state.load_all(settings):
         return _look(settings, watched, None, sweep, on_removed)  # (never missed one)
     return bool(watched)
-
-
-def _load(settings: Settings, iface: str) -> state.GroupRecord | None:
-    """A record, or None when it is gone or not trusted (as state.load_all skips it)."""
-    from via_tunnel.core.errors import ViaTunnelError
-
-    try:
-        return state.load(settings, iface)
-    except ViaTunnelError:
-        return None
 
 
 def _sweep_unrecorded(settings: Settings, recorded: set[str]) -> None:
