@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from socket import AF_INET, AF_INET6
 from typing import TYPE_CHECKING, Any
 
@@ -195,15 +195,12 @@ def _dst(spec: RouteSpec) -> tuple[str | None, int]:
     return str(net.network_address), net.prefixlen
 
 
-def _tolerating(codes: set[int], what: str, call: Callable[..., None], **kwargs: Any) -> None:
-    """Run one netlink change; errnos in ``codes`` mean "already so" and are fine."""
-    from via_tunnel.kernel.rtnl import NetlinkError
-
-    try:
-        call(what=what, **kwargs)
-    except NetlinkError as exc:
-        if exc.code not in codes:
-            raise KernelError(f"cannot {exc.strerror}") from exc
+def _check(codes: list[int], whats: list[str], ok: set[int]) -> None:
+    """Raise for the first answer of a :meth:`Rtnl.change_all` that is neither done nor one
+    of ``ok`` (errnos that mean "already so")."""
+    for code, what in zip(codes, whats, strict=True):
+        if code and code not in ok:
+            raise KernelError(f"cannot {what}: {os.strerror(code)}")
 
 
 def _rule_args(spec: RuleSpec) -> dict[str, Any]:
@@ -214,33 +211,50 @@ def _rule_args(spec: RuleSpec) -> dict[str, Any]:
 
 def apply(rules: Iterable[RuleSpec], routes: Iterable[RouteSpec]) -> None:
     """Add routes first, then rules: a rule never points at a table not yet filled. Those
-    of a family the kernel lacks are left out."""
+    of a family the kernel lacks are left out. Each kind goes in one round trip (the kernel
+    takes them in order); on a refusal the caller's rollback removes what did go in."""
+    from via_tunnel.kernel.rtnl import add_route_request, rule_request
+
     have = families()
+    routes = [r for r in routes if r.family in have]
+    rules = [r for r in rules if r.family in have]
     with open_rtnl() as rt:
-        for route in (r for r in routes if r.family in have):
+        requests = []
+        for route in routes:
             dst, dst_len = _dst(route)
-            _tolerating(_ADD_OK, f"add route {route}", rt.add_route, family=route.family,
-                        table=route.table, dst=dst, dst_len=dst_len, kind=_KINDS[route.kind],
-                        oif=route.oif, gateway=route.gateway, metric=route.metric)
-        for rule in (r for r in rules if r.family in have):
-            _tolerating(_ADD_OK, f"add ip rule {rule}", rt.add_rule, **_rule_args(rule))
+            requests.append(add_route_request(
+                family=route.family, table=route.table, dst=dst, dst_len=dst_len,
+                kind=_KINDS[route.kind], oif=route.oif, gateway=route.gateway,
+                metric=route.metric))
+        _check(rt.change_all(requests, "add routes"), [f"add route {r}" for r in routes],
+               _ADD_OK)
+        _check(rt.change_all([rule_request(add=True, **_rule_args(r)) for r in rules],
+                             "add ip rules"),
+               [f"add ip rule {r}" for r in rules], _ADD_OK)
 
 
 def remove(rules: Iterable[RuleSpec], tables: Iterable[int]) -> None:
-    """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely)."""
+    """Remove ``rules`` and flush every route in ``tables`` (tables we own entirely): the
+    rules in one round trip, then per table and family a dump and one round trip."""
+    from via_tunnel.kernel.rtnl import delete_route_request, rule_request
+
     have = families()
+    rules = [r for r in rules if r.family in have]
     with open_rtnl() as rt:
-        for rule in (r for r in rules if r.family in have):
-            _tolerating(_DEL_OK, f"remove ip rule {rule}", rt.delete_rule, **_rule_args(rule))
+        _check(rt.change_all([rule_request(add=False, **_rule_args(r)) for r in rules],
+                             "remove ip rules"),
+               [f"remove ip rule {r}" for r in rules], _DEL_OK)
         for table in tables:
             for family in have:
-                for r in _routes(rt, family, table):
-                    dst = f"{r.get_attr('RTA_DST') or 'default'}/{r['dst_len']}"
-                    _tolerating(_DEL_OK, f"remove route {dst} from table {table}",
-                                rt.delete_route, family=family,
-                                table=table, dst=r.get_attr("RTA_DST"),
-                                dst_len=int(r["dst_len"]), kind=int(r["type"]),
-                                oif=r.get_attr("RTA_OIF"), metric=r.get_attr("RTA_PRIORITY"))
+                found = _routes(rt, family, table)
+                requests = [delete_route_request(
+                    family=family, table=table, dst=r.get_attr("RTA_DST"),
+                    dst_len=int(r["dst_len"]), kind=int(r["type"]),
+                    oif=r.get_attr("RTA_OIF"), metric=r.get_attr("RTA_PRIORITY"))
+                    for r in found]
+                whats = [f"remove route {r.get_attr('RTA_DST') or 'default'}/{r['dst_len']} "
+                         f"from table {table}" for r in found]
+                _check(rt.change_all(requests, "remove routes"), whats, _DEL_OK)
 
 
 PER_TABLE_DUMPS = 16  # more tables than this: one dump of every table instead

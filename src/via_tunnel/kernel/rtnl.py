@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,8 @@ from via_tunnel.kernel.nlmsg import (
     RT_SCOPE_UNIVERSE,
     NetlinkError,
     Socket,
+    attr,
+    message,
 )
 from via_tunnel.kernel.pyroute2_lazy import register_package
 
@@ -100,11 +103,6 @@ class Rtnl(Socket):
                 break
         return out
 
-    def _change(self, msg: Any, msg_type: int, flags: int, what: str) -> None:
-        seq = self._send(msg, msg_type, NLM_F_REQUEST | NLM_F_ACK | flags)
-        for _ in self._answers(seq, type(msg), what):
-            pass
-
     # -- reads ------------------------------------------------------------------------
 
     def link(self, name: str) -> Any | None:
@@ -164,77 +162,91 @@ class Rtnl(Socket):
 
     # -- changes ----------------------------------------------------------------------
 
-    def add_route(self, *, family: int, table: int, dst: str | None, dst_len: int,
-                  kind: int, oif: int | None = None, gateway: str | None = None,
-                  metric: int | None = None, what: str) -> None:
-        """Add one route (``dst`` None: the default route), scope universe (also those
-        with no next hop: the kernel accepts that). EEXIST if
-        it is there."""
-        msg = _route_msg(family, table, dst, dst_len, kind, oif, gateway, metric,
-                         proto=RTPROT_STATIC, scope=RT_SCOPE_UNIVERSE)
-        self._change(msg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, what)
+    def change_all(self, requests: list[Request], what: str) -> list[int]:
+        """Send every request, acknowledged, many per datagram (the kernel handles them
+        one after the other, in order, and goes on after one it refuses); the errno each
+        was answered with (0: done), in order. One round trip where a rule at a time cost
+        one each: the first and the last group add and remove ~70 shared rules."""
+        codes: list[int] = []
+        for start in range(0, len(requests), _BATCH):
+            batch = requests[start:start + _BATCH]
+            seqs = [self.next_seq() for _ in batch]
+            self.sock.send(b"".join(
+                message(kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, payload)
+                for seq, (kind, flags, payload) in zip(seqs, batch, strict=True)))
+            codes += self.acks(seqs, what)
+        return codes
 
-    def delete_route(self, *, family: int, table: int, dst: str | None, dst_len: int,
-                     kind: int, oif: int | None = None, metric: int | None = None,
-                     what: str) -> None:
-        """Delete the route with these keys, whatever its scope and protocol."""
-        msg = _route_msg(family, table, dst, dst_len, kind, oif, None, metric,
-                         proto=0, scope=RT_SCOPE_NOWHERE)
-        self._change(msg, RTM_DELROUTE, 0, what)
 
-    def add_rule(self, *, family: int, priority: int, fwmark: int, fwmask: int, table: int,
-                 action: str, goto: int, invert: bool, what: str) -> None:
-        """``ip rule add [not] fwmark MARK/MASK ACTION priority PRIORITY`` (ACTION: lookup
-        TABLE, goto GOTO or unreachable); EEXIST if the same rule is there."""
-        msg = _rule_msg(family, priority, fwmark, fwmask, table, action, goto, invert)
-        self._change(msg, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, what)
+# -- changes: (type, flags, payload), built with struct ---------------------------------
+# (pyroute2's encoder cost ~75 us a message: 5 ms for the ~70 rules of a first group.)
 
-    def delete_rule(self, *, family: int, priority: int, fwmark: int, fwmask: int,
-                    table: int, action: str, goto: int, invert: bool, what: str) -> None:
-        msg = _rule_msg(family, priority, fwmark, fwmask, table, action, goto, invert)
-        self._change(msg, RTM_DELRULE, 0, what)
+Request = tuple[int, int, bytes]  # (message type, flags, payload): for Rtnl.change_all
+_BATCH = 128  # changes per datagram (a rule message is ~50 bytes, a route's ~70)
+_HDR = struct.Struct("=BBBBBBBBI")  # rtmsg and fib_rule_hdr: 8 bytes then u32 flags
+_U32 = struct.Struct("=I")
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+FRA_GOTO, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 4, 6, 10, 15, 16
+
+
+def add_route_request(*, family: int, table: int, dst: str | None, dst_len: int, kind: int,
+                      oif: int | None = None, gateway: str | None = None,
+                      metric: int | None = None) -> Request:
+    """Add one route (``dst`` None: the default route), scope universe (also those with no
+    next hop: the kernel accepts that). EEXIST if it is there."""
+    return (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL,
+            route_payload(family, table, dst, dst_len, kind, oif, gateway, metric,
+                          proto=RTPROT_STATIC, scope=RT_SCOPE_UNIVERSE))
+
+
+def delete_route_request(*, family: int, table: int, dst: str | None, dst_len: int,
+                         kind: int, oif: int | None = None, metric: int | None = None
+                         ) -> Request:
+    """Delete the route with these keys, whatever its scope and protocol."""
+    return (RTM_DELROUTE, 0, route_payload(family, table, dst, dst_len, kind, oif, None,
+                                           metric, proto=0, scope=RT_SCOPE_NOWHERE))
+
+
+def rule_request(*, add: bool, family: int, priority: int, fwmark: int, fwmask: int,
+                 table: int, action: str, goto: int, invert: bool) -> Request:
+    """``ip rule add|del [not] fwmark MARK/MASK ACTION priority PRIORITY`` (ACTION: lookup
+    TABLE, goto GOTO or unreachable); an add answers EEXIST if the same rule is there."""
+    payload = rule_payload(family, priority, fwmark, fwmask, table, action, goto, invert)
+    return (RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, payload) if add \
+        else (RTM_DELRULE, 0, payload)
+
+
+def route_payload(family: int, table: int, dst: str | None, dst_len: int, kind: int,
+                  oif: int | None, gateway: str | None, metric: int | None, *, proto: int,
+                  scope: int) -> bytes:
+    """An rtmsg and its attributes (the table also as RTA_TABLE: the header holds 8 bits)."""
+    out = _HDR.pack(family, dst_len, 0, 0, table if table < 256 else RT_TABLE_UNSPEC,
+                    proto, scope, kind, 0) + attr(RTA_TABLE, _U32.pack(table))
+    if dst is not None:
+        out += attr(RTA_DST, socket.inet_pton(family, dst))
+    if oif is not None:
+        out += attr(RTA_OIF, _U32.pack(oif))
+    if gateway:
+        out += attr(RTA_GATEWAY, socket.inet_pton(family, gateway))
+    if metric is not None:
+        out += attr(RTA_PRIORITY, _U32.pack(metric))
+    return out
+
+
+def rule_payload(family: int, priority: int, fwmark: int, fwmask: int, table: int,
+                 action: str, goto: int, invert: bool) -> bytes:
+    """A fib_rule_hdr and its attributes."""
+    out = _HDR.pack(family, 0, 0, 0, table if table < 256 else RT_TABLE_UNSPEC, 0, 0,
+                    RULE_ACTIONS[action], FIB_RULE_INVERT if invert else 0)
+    if action == "lookup":
+        out += attr(FRA_TABLE, _U32.pack(table))
+    out += (attr(FRA_PRIORITY, _U32.pack(priority)) + attr(FRA_FWMARK, _U32.pack(fwmark))
+            + attr(FRA_FWMASK, _U32.pack(fwmask)))
+    if action == "goto":
+        out += attr(FRA_GOTO, _U32.pack(goto))
+    return out
 
 
 def route_table(msg: Any) -> int:
     """A route's table: the RTA_TABLE attribute (the header field holds only 8 bits)."""
     return int(msg.get_attr("RTA_TABLE") or msg["table"])
-
-
-def _route_msg(family: int, table: int, dst: str | None, dst_len: int, kind: int,
-               oif: int | None, gateway: str | None, metric: int | None, *, proto: int,
-               scope: int) -> Any:
-    msg = rtmsg()
-    msg["family"] = family
-    msg["dst_len"] = dst_len
-    msg["table"] = table if table < 256 else RT_TABLE_UNSPEC
-    msg["proto"] = proto
-    msg["scope"] = scope
-    msg["type"] = kind
-    attrs: list[tuple[str, Any]] = [("RTA_TABLE", table)]
-    if dst is not None:
-        attrs.append(("RTA_DST", dst))
-    if oif is not None:
-        attrs.append(("RTA_OIF", oif))
-    if gateway:
-        attrs.append(("RTA_GATEWAY", gateway))
-    if metric is not None:
-        attrs.append(("RTA_PRIORITY", metric))
-    msg["attrs"] = attrs
-    return msg
-
-
-def _rule_msg(family: int, priority: int, fwmark: int, fwmask: int, table: int, action: str,
-              goto: int, invert: bool) -> Any:
-    msg = fibmsg()
-    msg["family"] = family
-    msg["action"] = RULE_ACTIONS[action]
-    msg["flags"] = FIB_RULE_INVERT if invert else 0
-    msg["table"] = table if table < 256 else RT_TABLE_UNSPEC
-    attrs: list[tuple[str, Any]] = [("FRA_PRIORITY", priority), ("FRA_FWMARK", fwmark),
-                                    ("FRA_FWMASK", fwmask)]
-    if action == "lookup":
-        attrs.insert(0, ("FRA_TABLE", table))
-    elif action == "goto":
-        attrs.append(("FRA_GOTO", goto))
-    msg["attrs"] = attrs
-    return msg
