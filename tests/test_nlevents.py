@@ -94,3 +94,43 @@ def test_inotify_names_what_was_written_renamed_and_deleted(tmp_path: Path) -> N
         assert watch.read() == set()
     finally:
         watch.close()
+
+
+# Element removals as the kernel sent them (captured in a namespace, kernel 6.18): the
+# element of mark 0x81000100 (slot 129) deleted from group_oifs (mark first in the key),
+# iif_marks and groups_l1 (mark as the data), and dns4 (mark as the key).
+CAPTURED = {
+    "group_oifs": "010000040f0001007669615f74756e6e656c00000f00020067726f75705f6f6966730000"
+                  "24000300200001001c00010018000100000100816c6f00000000000000000000000000"
+                  "00",
+    "iif_marks": "010000040f0001007669615f74756e6e656c00000e0002006969665f6d61726b730000"
+                 "002c0003002800010018000100140001006c6f00000000000000000000000000000c00"
+                 "02000800010000010081",
+    "dns4": "010000040f0001007669615f74756e6e656c000009000200646e733400000000200003001c"
+            "0001000c00010008000100000100810c00020008000100c0000201",
+    "groups_l1": "010000040f0001007669615f74756e6e656c00000e00020067726f7570735f6c310000"
+                 "002400030020000100100001000c00010005000000000000000c000200080001000001"
+                 "0081",
+}
+
+
+@pytest.mark.parametrize("set_name", sorted(CAPTURED))
+def test_an_element_removal_concerns_only_the_group_whose_mark_it_held(set_name: str
+                                                                       ) -> None:
+    from via_tunnel.core.settings import table_for_slot
+    from via_tunnel.kernel.nlevents import affected
+
+    data = nlmsg.message((10 << 8) | 14, 0, 0, bytes.fromhex(CAPTURED[set_name]))
+    groups = {"vt129": table_for_slot(129), "vt1": table_for_slot(1),
+              "vt130": table_for_slot(130)}
+    assert affected(data, NFT, groups) == {"vt129"}
+    assert affected(data, NFT, {"vt1": table_for_slot(1)}) == set()  # a teardown's own
+
+
+def test_an_element_removal_from_a_set_we_do_not_know_concerns_every_group() -> None:
+    from via_tunnel.core.settings import table_for_slot
+    from via_tunnel.kernel.nlevents import affected
+
+    body = bytes.fromhex(CAPTURED["dns4"]).replace(b"dns4", b"dnsX")
+    data = nlmsg.message((10 << 8) | 14, 0, 0, body)
+    assert affected(data, NFT, {"vt1": table_for_slot(1)}) == {"vt1"}

@@ -146,6 +146,30 @@ def test_flushing_only_our_table_rules_is_repaired_too(lab: Lab, vt_env: dict[st
     assert_stream_through_the_tunnel(lab, stream)
 
 
+@pytest.mark.parametrize("where", ["group_oifs", "iif_marks"])
+def test_a_groups_deleted_element_comes_back(lab: Lab, vt_env: dict[str, str],
+                                             stream: Stream, where: str) -> None:
+    """The watcher reads which group's element went (its mark, in the notification); an
+    element removal that names another mark (a teardown's own) costs it nothing."""
+    group = groups(lab, vt_env)[0]
+    element = (f'{group["mark"]} . "tun0"' if where == "group_oifs" else '"tun0"')
+    before = set_elements(lab, where)
+    assert before, f"{where} is empty before the test"
+    lab.run(lab.client, ["nft", "delete", "element", "inet", "via_tunnel", where,
+                         "{ " + element + " }"])
+    wait_for(lambda: set_elements(lab, where) == before, timeout=1,
+             what=f"the element of {where} to come back")
+    assert_stream_through_the_tunnel(lab, stream)
+
+
+def set_elements(lab: Lab, name: str) -> list[object]:
+    out = lab.run(lab.client, ["nft", "-j", "list", "set" if name == "group_oifs" else "map",
+                               "inet", "via_tunnel", name], check=False).stdout
+    found = [o for o in json.loads(out or '{"nftables": []}')["nftables"]
+             if "set" in o or "map" in o]
+    return (found[0].get("set") or found[0].get("map")).get("elem", []) if found else []
+
+
 def nft_rule_count(lab: Lab) -> int:
     out = lab.run(lab.client, ["nft", "-j", "list", "table", "inet", "via_tunnel"],
                   check=False).stdout

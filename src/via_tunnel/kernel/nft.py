@@ -20,7 +20,7 @@ from via_tunnel.core.nftplan import base_ruleset, level_ruleset, levels_in
 from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
 
 _ctx: Any = None  # JSON in and out: every change, and listings of sets
-_text_ctx: Any = None  # text out: listings of the whole table (see table_text)
+_text_ctx: Any = None  # text out, terse: the whole table's structure (see table_text)
 
 
 BINDING_MISSING = ("the libnftables Python binding is missing (Debian: apt install "
@@ -96,7 +96,13 @@ def _text() -> Any:
     global _text_ctx
     if _text_ctx is None:
         _nft()  # the import and its error message
-        _text_ctx = context()
+        ctx = context()
+        # Terse: sets and maps without their elements. Printing a cgroupsv2 element makes
+        # libnftables walk /sys/fs/cgroup for its inode, once per element (NOTES.md): with
+        # a thousand groups one listing took seconds, and every cold launch and teardown
+        # listed the table. What the text is read for is its chains, rules and maps.
+        ctx.set_terse_output(True)
+        _text_ctx = ctx
     return _text_ctx
 
 
@@ -109,8 +115,9 @@ def text_cmd(text: str) -> tuple[int, str, str]:
 
 
 def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:
-    """A table as nft prints it (text), or None when it does not exist. ``family`` and
-    ``name`` are our fixed names, never user input (they are spliced into the command).
+    """A table as nft prints it (text), without the elements of its sets and maps (those
+    are listed as JSON: :func:`list_elements`), or None when it does not exist. ``family``
+    and ``name`` are our fixed names, never user input (they are spliced into the command).
 
     Text, not JSON, for two bugs of libnftables 1.0.6's JSON printer: it
     cannot print the ``update @map { key : data }`` statement of our ruleset and writes a

@@ -11,7 +11,11 @@ What concerns the group of interface IFACE with routing table TABLE:
 * links and addresses of IFACE (up, down, gone, re-created, readdressed);
 * routes removed from TABLE; routes of the main table through IFACE (its next hop);
 * ip rules removed from TABLE, and the shared ones (priorities 0, 5099, 5100, 5133);
-* nftables objects removed from our table (``nft flush ruleset``, a rule, a set, elements).
+* nftables objects removed from our table (``nft flush ruleset``, a rule, a set); elements
+  removed only when one of them is the group's (its mark is in the element's key or data):
+  every teardown deletes its own group's elements, and would otherwise make the watcher
+  check every group's (a listing of every set and map, the cgroup maps' costing a walk of
+  the cgroup tree per element: seconds at a thousand groups).
 Additions to TABLE and to our table are our own setups and repairs, and never break a group.
 """
 
@@ -27,6 +31,8 @@ from via_tunnel.core.settings import (
     NFT_TABLE,
     RULE_PRIORITY,
     SKIP_PRIORITY,
+    TABLE_BASE,
+    mark_for_slot,
 )
 from via_tunnel.kernel import nlmsg
 
@@ -42,6 +48,15 @@ NFNL_SUBSYS_NFTABLES = 10
 # NFT_MSG_* that remove something: DELTABLE, DELCHAIN, DELRULE, DELSET, DELSETELEM,
 # DESTROYTABLE.. (kernels >= 6.3 also send DESTROY* for `nft destroy`).
 NFT_REMOVALS = frozenset({2, 5, 8, 11, 14, 26, 27, 28, 29, 30})
+NFT_ELEMENT_REMOVALS = frozenset({14, 30})  # DELSETELEM, DESTROYSETELEM
+NFTA_LIST_SET, NFTA_LIST_ELEMENTS = 2, 3  # NFTA_SET_ELEM_LIST_*
+NFTA_LIST_ELEM, NFTA_ELEM_KEY, NFTA_ELEM_DATA, NFTA_DATA_VALUE = 1, 1, 2, 1
+# Our sets and maps by where an element holds its group's mark (host byte order, as nft
+# keeps `meta mark`): first in the key, or as the data. ruleset.nft and nftplan name them.
+MARK_IN_KEY = frozenset({"group_oifs", "tx", "rx", "v6_blocked", "dns4", "dns6", "draining"})
+MARK_IN_DATA = frozenset({"iif_marks", "classid_marks"})  # and the groups_l<level> maps
+NO_GROUPS = frozenset({"udp_in4", "udp_in6"})  # flows that came in, expiring by themselves
+_MARK = struct.Struct("=I")
 _SHARED = frozenset({ENTRY_PRIORITY, SKIP_PRIORITY, RULE_PRIORITY, CATCH_PRIORITY})
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
@@ -63,7 +78,10 @@ def affected(datagram: bytes, proto: int, groups: Mapping[str, int]) -> set[str]
         for kind, _flags, _seq, msg in nlmsg.split(datagram):
             body = msg[nlmsg.HEADER.size:]
             if proto == nlmsg.NETLINK_NETFILTER:
-                hit: object = ALL if _nft_concerns(kind, body) else None
+                hit = _nft_affected(kind, body, tables)
+                if isinstance(hit, set):
+                    found |= hit
+                    continue
             else:
                 hit = _rtnl_affected(kind, body, tables)
             if hit is ALL:
@@ -120,10 +138,45 @@ def _rtnl_affected(kind: int, body: bytes, tables: Mapping[int, str]) -> object:
     return ALL  # a type we do not know
 
 
-def _nft_concerns(kind: int, body: bytes) -> bool:
-    if kind >> 8 != NFNL_SUBSYS_NFTABLES:
-        return False
-    if kind & 0xFF not in NFT_REMOVALS:
-        return False
-    name = nlmsg.attrs(body, nlmsg.NFGEN.size).get(1)  # NFTA_*_TABLE / NFTA_TABLE_NAME
-    return name is None or name.rstrip(b"\0").decode() == NFT_TABLE
+def _nft_affected(kind: int, body: bytes, tables: Mapping[int, str]) -> object:
+    """ALL, None, or the set of groups whose elements a removal of elements took."""
+    if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xFF not in NFT_REMOVALS:
+        return None
+    found = nlmsg.attrs(body, nlmsg.NFGEN.size)
+    name = found.get(1)  # NFTA_*_TABLE / NFTA_TABLE_NAME
+    if name is not None and name.rstrip(b"\0").decode() != NFT_TABLE:
+        return None
+    if name is None or kind & 0xFF not in NFT_ELEMENT_REMOVALS:
+        return ALL
+    marks = _removed_marks(found)
+    if marks is None:
+        return ALL
+    return {iface for table, iface in tables.items() if _mark_of_table(table) in marks}
+
+
+def _removed_marks(found: Mapping[int, bytes]) -> set[int] | None:
+    """The marks of the elements in a DELSETELEM message's attributes; None when they
+    cannot be told (a set we do not know, an element without its mark)."""
+    set_name = found.get(NFTA_LIST_SET, b"").rstrip(b"\0").decode()
+    if set_name in NO_GROUPS:
+        return set()
+    in_key = set_name in MARK_IN_KEY
+    if not in_key and set_name not in MARK_IN_DATA and not set_name.startswith("groups_l"):
+        return None
+    marks: set[int] = set()
+    for kind, elem in nlmsg.attr_list(found.get(NFTA_LIST_ELEMENTS, b"")):
+        if kind != NFTA_LIST_ELEM:
+            return None
+        part = nlmsg.attrs(elem).get(NFTA_ELEM_KEY if in_key else NFTA_ELEM_DATA)
+        value = nlmsg.attrs(part or b"").get(NFTA_DATA_VALUE, b"")
+        if len(value) < _MARK.size:
+            return None
+        marks.add(_MARK.unpack_from(value)[0])
+    return marks
+
+
+def _mark_of_table(table: int) -> int | None:
+    try:
+        return mark_for_slot(table - TABLE_BASE)
+    except ValueError:
+        return None

@@ -94,12 +94,18 @@ def nested(kind: int, *children: bytes) -> bytes:
 
 def attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
     """The netlink attributes in ``data[offset:]`` as {type: payload} (the last one wins)."""
-    out: dict[int, bytes] = {}
+    return dict(attr_list(data, offset))
+
+
+def attr_list(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
+    """The netlink attributes in ``data[offset:]`` as (type, payload), in order (a list
+    attribute repeats one type: the elements of a set)."""
+    out: list[tuple[int, bytes]] = []
     while offset + ATTR.size <= len(data):
         length, kind = ATTR.unpack_from(data, offset)
         if length < ATTR.size or offset + length > len(data):
             break
-        out[kind & NLA_TYPE_MASK] = data[offset + ATTR.size: offset + length]
+        out.append((kind & NLA_TYPE_MASK, data[offset + ATTR.size: offset + length]))
         offset += align(length)
     return out
 
