@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -311,6 +312,43 @@ def test_one_watcher_serves_every_group_and_leaves_with_the_last(
         for holder in holders:
             holder.kill()
             holder.wait()
+
+
+def test_a_group_set_up_while_the_watcher_runs_is_not_taken_for_leftovers(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    """A cold launch wakes the live watcher, which then sweeps what dead launches left.
+    The new group is not watched yet at that moment, but it is recorded: its cgroup is not
+    a leftover. (Taken for one, the sweep held the global lock until the group emptied, up
+    to 2 s, stalling every launch, then removed its cgroup under its record, and the
+    group's teardown had to rebuild the other groups' cgroup map: `nft monitor` saw the
+    other group's element deleted and added back.)"""
+    monitor = lab.popen(lab.client, ["nft", "monitor", "elements"], stdout=subprocess.PIPE,
+                        text=True)
+    holder = None
+    try:
+        seen: list[str] = []
+        assert monitor.stdout is not None
+        holder = via_popen(lab, vt_env, "eth0", "--", "sleep", "30")
+        # The monitor listens once it has seen eth0's group come (its elements added).
+        while not any(ln.startswith("add element") and '"eth0"' in ln for ln in seen):
+            assert select.select([monitor.stdout], [], [], 10)[0], f"nft monitor: {seen}"
+            seen.append(monitor.stdout.readline())
+        (first,) = wait_for(lambda: status(lab, vt_env), timeout=10, what="eth0's group")
+        via(lab, vt_env, "vlan3", "--", "true")
+        wait_for(lambda: [g["interface"] for g in status(lab, vt_env)] == ["eth0"],
+                 timeout=5, what="vlan3's group to go")
+        monitor.terminate()
+        lines = monitor.communicate(timeout=5)[0].splitlines()
+        deleted = [ln for ln in lines if ln.startswith("delete element")]
+        assert any('"vlan3"' in ln for ln in deleted), lines
+        assert not [ln for ln in deleted if first["mark"] in ln], deleted
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+        if holder is not None:
+            holder.terminate()
+            holder.wait(timeout=5)
 
 
 def _zombie(pid: int) -> bool:

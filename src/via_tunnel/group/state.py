@@ -134,17 +134,21 @@ def load(settings: Settings, iface: str) -> GroupRecord | None:
 
 
 def load_all(settings: Settings) -> list[GroupRecord]:
+    out = []
+    for iface in recorded(settings):
+        rec = load_or_none(settings, iface)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def recorded(settings: Settings) -> list[str]:
+    """The interfaces that have a record file (sorted), without reading one."""
     try:
         names = sorted(os.listdir(settings.groups_dir))
     except FileNotFoundError:
         return []
-    out = []
-    for name in names:
-        if name.endswith(".json"):
-            rec = load_or_none(settings, name[:-5])
-            if rec is not None:
-                out.append(rec)
-    return out
+    return [name[:-5] for name in names if name.endswith(".json")]
 
 
 def load_or_none(settings: Settings, iface: str) -> GroupRecord | None:

@@ -237,8 +237,9 @@ def _look(settings: Settings, watched: dict[str, _Group], check: set[str] | None
         except Exception as exc:  # one group's failure must not end the watch of all
             _log(settings, iface, exc)
             watched.pop(iface).close()  # its record stays, not ready: `cleanup` finishes
-    if sweep:
-        _sweep_unrecorded(settings, set(watched))
+    if sweep:  # (by the records on disk: a group set up since the last look is not
+        # watched yet, and its cgroup is not a dead launcher's)
+        _sweep_unrecorded(settings, set(state.recorded(settings)))
     if not watched and check is not None and state.load_all(settings):
         return _look(settings, watched, None, sweep, on_removed)  # (never missed one)
     return bool(watched)
