@@ -34,14 +34,15 @@ def repair(settings: Settings, iface: str) -> bool:
     return iface in repair_many(settings, [iface])
 
 
-def repair_many(settings: Settings, ifaces: Iterable[str]) -> set[str]:
+def repair_many(settings: Settings, ifaces: Iterable[str], *, nft: bool = True) -> set[str]:
     """:func:`repair` for several groups at once: the table is checked once for all of
-    them, then each group's routing. Returns the groups whose routing is in place."""
+    them (unless ``nft`` is False: what happened cannot have touched it, an rtnetlink
+    change), then each group's routing. Returns the groups whose routing is in place."""
     records = [rec for rec in (state.load(settings, i) for i in ifaces)
                if rec is not None and rec.ready]  # a group being torn down stays so
     if not records:
         return set()
-    for reattached in reattach_nft(settings):
+    for reattached in reattach_nft(settings) if nft else ():
         _reset_flows(reattached)
     return {rec.iface for rec in records if _repair_routing(rec)}
 

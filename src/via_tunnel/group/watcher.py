@@ -146,11 +146,13 @@ def watch(settings: Settings, release: Callable[[], None],
                 check |= {g.iface for g in watched.values() if g.fds & fired}
             ready = {s.fileno() for s in events} & fired
             if ready:
-                concerned = _drain(events, ready, {g.iface: g.table for g in watched.values()})
-                if concerned:
+                routing, tables = _drain(events, ready,
+                                         {g.iface: g.table for g in watched.values()})
+                if routing or tables:
                     try:
                         with state.locked(settings):
-                            repair.repair_many(settings, sorted(concerned))
+                            repair.repair_many(settings, sorted(routing | tables),
+                                               nft=bool(tables))
                     except Exception as exc:  # a failed repair must not end the watch
                         _log(settings, "repair", exc)
     finally:
@@ -331,25 +333,28 @@ def _event_sockets() -> list[socket.socket]:
 
 
 def _drain(events: list[socket.socket], ready: set[int],
-           groups: dict[str, int]) -> set[str]:
-    """Read every pending notification; the groups (interface -> table) one may concern
-    (all of them when notifications were lost)."""
+           groups: dict[str, int]) -> tuple[set[str], set[str]]:
+    """Read every pending notification; the groups (interface -> table) an rtnetlink one
+    may concern, and those an nftables one may concern (each: all of them when its
+    notifications were lost)."""
     from via_tunnel.kernel.nlevents import affected
 
-    concerned: set[str] = set()
+    concerned: dict[int, set[str]] = {socket.NETLINK_ROUTE: set(),
+                                      nlmsg.NETLINK_NETFILTER: set()}
     for sock in events:
         if sock.fileno() not in ready:
             continue
+        found = concerned[sock.proto]
         while True:
             try:
                 data = sock.recv(65536)
             except BlockingIOError:
                 break
             except OSError:  # ENOBUFS: notifications were lost; a repair covers them all
-                concerned |= set(groups)
+                found |= set(groups)
                 continue
             if not data:
                 break
-            if len(concerned) < len(groups):
-                concerned |= affected(data, sock.proto, groups)
-    return concerned
+            if len(found) < len(groups):
+                found |= affected(data, sock.proto, groups)
+    return concerned[socket.NETLINK_ROUTE], concerned[nlmsg.NETLINK_NETFILTER]
