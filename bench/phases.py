@@ -15,6 +15,9 @@ each step's share is known:
             says unpopulated (what the watcher does on that event), with the instance's
             default drain (``VIA_TUNNEL_DRAIN_MAX`` unset).
 
+With ``--groups G``, G-1 other groups are up meanwhile (each on a veth of its own, no
+member), to see which step grows with the number of groups.
+
 Every row is a median over ``--runs`` cycles; "other" is the step's total minus its timed
 parts (Python between the calls). Also the import cost of the warm and cold launch paths
 (``python -c 'import …'`` against ``python -c pass``, interleaved). The lab, state dir and
@@ -111,14 +114,38 @@ def instrumented(timings: Timings) -> Iterator[None]:
         lifecycle.state = saved
 
 
-def inside(runs: int) -> dict[str, list[float]]:
-    """The measurements; runs in the lab's client namespace."""
+def others_up(settings: Any, count: int) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """``count`` more groups, each on a veth "tunnel" of its own (both ends in this
+    namespace, a point-to-point address as on a real tunnel) with a ``sleep`` in it: the
+    G-1 others of a measurement at G groups."""
+    from via_tunnel.group import lifecycle, state
+
+    names = [f"vo{i}" for i in range(count)]
+    lines = []
+    for i, name in enumerate(names):
+        near, far = f"198.18.{i // 64}.{(i % 64) * 4 + 2}", f"198.18.{i // 64}.{(i % 64) * 4 + 1}"
+        lines += [f"link add {name} type veth peer name vp{i}", f"link set vp{i} up",
+                  f"link set {name} up", f"addr add {near} peer {far}/30 dev {name}"]
+    subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
+    out = []
+    for name in names:
+        member = subprocess.Popen(["sleep", "3600"])
+        out.append((name, member))
+        with state.locked(settings):
+            lifecycle.ensure_group(settings, name, first_pid=member.pid)
+    return out
+
+
+def inside(runs: int, groups: int) -> dict[str, list[float]]:
+    """The measurements, with ``groups`` - 1 other groups up; runs in the lab's client
+    namespace."""
     from via_tunnel.core.settings import Settings
     from via_tunnel.group import lifecycle, state
     from via_tunnel.kernel import cgroup
 
     settings = Settings.from_env()
     timings = Timings()
+    others = others_up(settings, groups - 1)
     for _ in range(runs):
         sleep = subprocess.Popen(["sleep", "600"])
         try:
@@ -140,6 +167,12 @@ def inside(runs: int) -> dict[str, list[float]]:
         _wait_for(lambda: not _drain_may_be_live(settings), "the drain to end", 130)
         with state.locked(settings):
             lifecycle.cleanup(settings)  # the inert table of a drained group
+    for name, member in others:
+        member.kill()
+        member.wait()
+        with state.locked(settings):
+            _wait_for(lambda n=name: lifecycle.teardown_if_empty(settings, n),
+                      f"{name}'s group to empty")
     return timings.samples
 
 
@@ -209,13 +242,15 @@ def render(samples: dict[str, list[float]], markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=20, help="cycles (default 20)")
+    parser.add_argument("--groups", type=int, default=1,
+                        help="groups up while one is created and removed (default 1: alone)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inside:  # in the client namespace, with the instance's environment
         import json
 
-        print(json.dumps(inside(args.runs)))
+        print(json.dumps(inside(args.runs, args.groups)))
         return 0
     if not prologue("phases.py"):
         return 1
@@ -225,12 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("VIA_TUNNEL_DRAIN_MAX", None)
     try:
         lab.up()
-        log(f"lab {lab.prefix} up; {args.runs} cycles of create, join, teardown")
+        log(f"lab {lab.prefix} up; {args.runs} cycles of create, join, teardown with "
+            f"{args.groups - 1} other groups up")
         import json
 
         out = subprocess.run([*lab.nsenter(lab.client), sys.executable, __file__, "--inside",
-                              "--runs", str(args.runs)], env=env, check=True,
-                             stdout=subprocess.PIPE, text=True, timeout=600 + 140 * args.runs)
+                              "--runs", str(args.runs), "--groups", str(args.groups)],
+                             env=env, check=True,
+                             stdout=subprocess.PIPE, text=True, timeout=600 + 140 * args.runs
+                             + args.groups)
         samples = json.loads(out.stdout)
         log("imports")
         samples.update(import_costs(args.runs))

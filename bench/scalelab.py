@@ -102,8 +102,13 @@ class ScaleLab:
         self.launcher = launcher
         self.state_dir = f"/run/via-tunnel-bench-{prefix}"
         self.cgroup_subtree = f"via-tunnel-bench-{prefix}"
+        # No drain: the data-path runs leave TIME_WAIT entries, and each group's mark would
+        # keep our table for up to 2 minutes after its end (the leftover check compares the
+        # ruleset with the one before). The drain's conntrack dump is a walk of the host's
+        # conntrack hash, whatever the number of groups: bench/phases.py times it.
         self.env = {**os.environ, "VIA_TUNNEL_STATE_DIR": self.state_dir,
-                    "VIA_TUNNEL_CGROUP": self.cgroup_subtree, **extra_env}
+                    "VIA_TUNNEL_CGROUP": self.cgroup_subtree, "VIA_TUNNEL_DRAIN_MAX": "0",
+                    **extra_env}
         self.subtree_path = os.path.join(cgroup2_mount_or_fail(), self.cgroup_subtree)
         self.client = self.lab.client
         self.far = self.lab.gateway
@@ -388,8 +393,8 @@ class ScaleLab:
                     routes += 1
         elements = 0
         for kind in ("sets", "maps"):
-            out = self.lab.run(self.client, ["nft", "-j", "list", kind, "inet"],
-                               check=False).stdout
+            out = self.lab.run(self.client, ["nft", "-t", "-j", "list", kind, "inet"],
+                               check=False, timeout=600).stdout
             try:
                 listing = json.loads(out) if out.strip() else {}
             except ValueError:
@@ -398,15 +403,19 @@ class ScaleLab:
                 body = obj.get("set") or obj.get("map") or {}
                 if body.get("table") != "via_tunnel":
                     continue
-                # `list sets` omits elements: list each one
+                # `list sets` omits elements: list each one, but the cgroup maps (one
+                # element per group; nft prints each by walking the cgroup tree)
                 name = body["name"]
+                if name.startswith("groups_l"):
+                    continue
                 one = self.lab.run(self.client, ["nft", "-j", "list", kind[:-1], "inet",
-                                                 "via_tunnel", name], check=False).stdout
+                                                 "via_tunnel", name], check=False,
+                                   timeout=600).stdout
                 with contextlib.suppress(ValueError):
                     for o in json.loads(one).get("nftables", []):
                         b = o.get("set") or o.get("map") or {}
                         elements += len(b.get("elem", []))
-        text = self.lab.run(self.client, ["nft", "list", "table", "inet", "via_tunnel"],
+        text = self.lab.run(self.client, ["nft", "-t", "list", "table", "inet", "via_tunnel"],
                             check=False).stdout
         cgroup_maps = sorted({w.strip("@;{") for w in text.split() if w.startswith("@groups_l")})
         cgroups = 0
@@ -419,7 +428,7 @@ class ScaleLab:
         """Wall seconds of one ``nft list WHAT`` in the client namespace (what a watcher's
         repair does, through libnftables, on every netlink event)."""
         start = time.perf_counter()
-        self.lab.run(self.client, ["nft", "list", *what], timeout=300)
+        self.lab.run(self.client, ["nft", "list", *what], timeout=900)
         return time.perf_counter() - start
 
 

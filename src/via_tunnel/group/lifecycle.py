@@ -163,7 +163,8 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         rec.ready = False
         state.save(settings, rec)
     k.flows.kill_sockets(rec.cgroup, rec.cgroup_id)
-    others = [r for r in state.load_all(settings) if r.iface != rec.iface]
+    # (Names only: reading every record made each teardown O(groups).)
+    others = [iface for iface in state.recorded(settings) if iface != rec.iface]
     nft_error: ViaTunnelError | None = None
     try:
         if k.nft.table_exists():
@@ -179,7 +180,8 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
                     _nft_detach(k.nft, group_elements(plan, "delete") + keep)
                 else:  # its cgroup is gone, and with it the path nft could delete it by
                     rebuilt = placement.rebuilt_level_map(
-                        rec.level, [plan_of(r) for r in others if r.usable()])
+                        rec.level, [plan_of(r) for r in state.load_all(settings)
+                                    if r.iface != rec.iface and r.usable()])
                     _nft_detach(k.nft,
                                 group_elements(plan, "delete", cgroup=False) + rebuilt + keep)
     except ViaTunnelError as exc:  # an unusable adapter: remove the rest all the same

@@ -128,7 +128,24 @@ def table_text(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> str | None:
 
 
 def table_exists(family: str = NFT_FAMILY, name: str = NFT_TABLE) -> bool:
-    return table_text(family, name) is not None
+    return name in declared("chains", family)
+
+
+def declared(kind: str, family: str = NFT_FAMILY) -> dict[str, list[str]]:
+    """table -> names of its ``kind`` ("chains", "sets" or "maps") in ``family``, from a
+    terse listing. Cheap whatever the number of elements: libnftables 1.0.6 fetches every
+    element for ``list table`` and even ``list tables`` (~40 ms with 12,000 elements), not
+    for ``list chains``/``list maps`` (0.1 ms). ``kind`` and ``family`` are ours."""
+    rc, out, _err = _text().cmd(f"list {kind} {family}")
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines() if rc == 0 else ():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "table":
+            current = found.setdefault(words[2], [])
+        elif len(words) >= 2 and current is not None and words[0] == kind[:-1]:
+            current.append(words[1])
+    return found
 
 
 def list_elements(sets: tuple[str, ...], maps: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -142,13 +159,15 @@ def list_elements(sets: tuple[str, ...], maps: tuple[str, ...]) -> list[dict[str
 
 
 def ensure_table(level: int) -> None:
-    """Create our table and the map/rule for ``level`` if missing (one transaction)."""
-    text = table_text()
-    if text is None:
+    """Create our table and the map/rule for ``level`` if missing (one transaction). What
+    exists is read from the names of our maps (:func:`declared`): a level's map and rule
+    come together, and a rule someone deleted is the watcher's to put back (repair)."""
+    maps = declared("maps").get(NFT_TABLE)
+    if maps is None:
         change = base_ruleset()
         have: set[int] = set()
     else:
-        change, have = "", levels_in(text)
+        change, have = "", levels_in("".join(f"map {name}\n" for name in maps))
     if level not in have:
         change += level_ruleset(level)
     if change:
