@@ -101,11 +101,11 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     k.netcls.require()  # fail closed: without net_cls a moved member would leak
     mount = k.cgroup.cgroup2_mount()
     path = group_path(settings, mount, iface)
-    records = state.load_all(settings)
     draining = k.nft.draining() if state.drain_may_be_live(settings) else {}
-    slot = state.free_slot(records, set(draining))
-    # The shared rules come with the first group (repair puts them back if removed).
-    shared = () if any(r.ready for r in records) else shared_rules()
+    slot = state.free_slot(state.taken_slots(settings), set(draining))
+    # The shared rules come with every group: "already there" costs the kernel a lookup
+    # per rule in the same round trip, and whatever removed some is mended by it.
+    shared = shared_rules()
     facts = k.netlink.link_facts(iface)
     plan = plan_group(facts, slot=slot, level=k.cgroup.level_of(path, mount),
                       cgroup_nft_path=k.cgroup.nft_path(path), gateway=gateway, ipv6=ipv6,
@@ -191,7 +191,7 @@ def teardown(settings: Settings, rec: GroupRecord) -> None:
         k.netlink.remove(shared_rules()[::-1], [])
     k.sysctl.put_back(rec.saved_sysctls)
     placement.remove(settings, rec)
-    state.delete(settings, rec.iface)
+    state.delete(settings, rec.iface, rec.slot)
     if not others:
         k.sysctl.forget_saved(settings)
         placement.release(settings, os.path.dirname(rec.cgroup))  # our subtree
