@@ -11,6 +11,7 @@ each step's share is known:
             imports, lock and watcher);
 * join:     ``state.enter`` in a forked child (a warm launch's kernel work: net_cls and
             cgroup2 migrations), while the ``sleep`` keeps the group up;
+* status:   what ``status --json`` reads (its members are the other groups' ``sleep``);
 * teardown: ``lifecycle.teardown_if_empty`` once the ``sleep`` was killed and its cgroup
             says unpopulated (what the watcher does on that event), with the instance's
             default drain (``VIA_TUNNEL_DRAIN_MAX`` unset).
@@ -147,6 +148,8 @@ def inside(runs: int, groups: int) -> dict[str, list[float]]:
     timings = Timings()
     others = others_up(settings, groups - 1)
     for _ in range(runs):
+        status_run(timings)
+    for _ in range(runs):
         sleep = subprocess.Popen(["sleep", "600"])
         try:
             with state.locked(settings), instrumented(timings):
@@ -174,6 +177,37 @@ def inside(runs: int, groups: int) -> dict[str, list[float]]:
             _wait_for(lambda n=name: lifecycle.teardown_if_empty(settings, n),
                       f"{name}'s group to empty")
     return timings.samples
+
+
+STATUS_STEPS = {"via_tunnel.kernel.netlink": ("link_states",),
+                "via_tunnel.kernel.nft": ("group_counters", "draining"),
+                "via_tunnel.kernel.cgroup": ("members", "cgroup2_mount"),
+                "via_tunnel.kernel.procs": ("command_line",),
+                "via_tunnel.group.placement": ("moved_members",),
+                "via_tunnel.group.state": ("load_all", "watcher_pid", "drain_may_be_live")}
+
+
+def status_run(timings: Timings) -> None:
+    """One ``status --json`` (its data, not the printing), each kernel read timed."""
+    import importlib
+
+    from via_tunnel.cli import status_command
+
+    saved = []
+    for module_name, names in STATUS_STEPS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, getattr(Timed(module, module_name.rsplit(".", 1)[1],
+                                                timings), name))
+    try:
+        t0 = time.perf_counter()
+        status_command.group_info()
+        status_command.draining_info()
+        timings.close_run("status", time.perf_counter() - t0)
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _drain_may_be_live(settings: Any) -> bool:
