@@ -313,11 +313,14 @@ _RTNL_GROUPS = nlmsg.group_bits(
 
 
 def _event_sockets() -> list[socket.socket]:
-    """Netlink sockets that become readable when something the group relies on changes.
+    """Netlink sockets that become readable when something the groups rely on changes
+    (:func:`_drain` reads which groups a notification concerns). Without them the groups
+    still work; they only cannot repair themselves.
 
-    Raw sockets: the content of a notification does not matter (repair re-checks
-    everything), so nothing is parsed. Without them the group still works; it only
-    cannot repair itself.
+    Their receive buffers are large: a notification lost to a full buffer (ENOBUFS)
+    makes the watcher check every group, which at thousands of groups costs seconds (the
+    cgroup maps' listing), while a thousand teardowns at once send tens of thousands of
+    notifications (8 MiB holds ~40,000; the kernel charges only what is queued).
     """
     sockets = []
     for proto, groups in ((socket.NETLINK_ROUTE, _RTNL_GROUPS),
@@ -328,8 +331,18 @@ def _event_sockets() -> list[socket.socket]:
             sock.bind((0, groups))
         except OSError:
             continue
+        for option in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):  # (FORCE: above rmem_max, root)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, EVENT_BUFFER)
+                break
+            except OSError:
+                continue
         sockets.append(sock)
     return sockets
+
+
+EVENT_BUFFER = 8 << 20
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def _drain(events: list[socket.socket], ready: set[int],

@@ -197,12 +197,13 @@ def netns_names() -> list[str]:
     return [entry["name"] for entry in parse_json(out, default=[])]
 
 
-def ip(args: list[str], *, what: str, input: str | None = None) -> str:
+def ip(args: list[str], *, what: str, input: str | None = None,
+       timeout: float = IP_TIMEOUT) -> str:
     """Run ``ip ARGS`` on the host and return its output; a failure raises
     :class:`LabError` ("cannot WHAT: ...")."""
     try:
         proc = subprocess.run(["ip", *args], capture_output=True, text=True, input=input,
-                              timeout=IP_TIMEOUT, check=False)  # fmt: skip
+                              timeout=timeout, check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LabError(f"cannot {what}: {exc}") from exc
     if proc.returncode != 0:
@@ -213,7 +214,9 @@ def ip(args: list[str], *, what: str, input: str | None = None) -> str:
 def ip_batch(ns: str | None, lines: list[str]) -> None:
     """Run ``ip`` commands in one process (``ip -n NS -batch -``); stop at the first error."""
     args = (["-n", ns] if ns else []) + ["-batch", "-"]
-    ip(args, what=f"configure {ns or 'links'}", input="\n".join(lines) + "\n")
+    # (thousands of lines: the benchmarks' tunnels; ~1 ms a veth on a busy 2-core host)
+    ip(args, what=f"configure {ns or 'links'}", input="\n".join(lines) + "\n",
+       timeout=IP_TIMEOUT + len(lines) / 100)
 
 
 def remove_namespace(ns: str) -> None:
