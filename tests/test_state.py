@@ -66,10 +66,13 @@ def test_slots_are_claimed_by_name_and_a_crashed_groups_claim_is_swept(tmp_path:
     assert state.free_slot({1, 2, 3, 4}, {state.mark_for_slot(5)}) == 6  # 5 drains
     state.delete(settings, "vlan3", 2)
     assert state.taken_slots(settings) == {1, 4}
-    # A group that crashed after its first save and whose record someone removed: its
-    # claim dangles. It holds the slot until the sweep under the lock takes it...
+    # A group whose record someone removed: its claim dangles, and more claims than
+    # records make the next look read the records and drop it...
     Path(state.record_path(settings, "tun0")).unlink()
-    assert state.taken_slots(settings) == {1, 4}
+    assert state.taken_slots(settings) == {1}
+    assert not (Path(settings.groups_dir) / ".slot-4").is_symlink()
+    # (as the sweep under the lock does, when no slot was sought meanwhile)
+    (Path(settings.groups_dir) / ".slot-4").symlink_to("tun0.json")
     assert state.remove_orphan_tmp(settings) == [
         "removed the claim on slot 4 of a group without record"]
     assert state.taken_slots(settings) == {1}
@@ -80,7 +83,8 @@ def test_slots_are_claimed_by_name_and_a_crashed_groups_claim_is_swept(tmp_path:
     state.save(settings, rec)
     assert (Path(settings.groups_dir) / ".slot-2").readlink() == Path("wg0.json")
     state.delete(settings, "eth0", 2)  # (a wrong slot: wg0's claim is left alone)
-    assert state.taken_slots(settings) == {1, 2}
+    assert (Path(settings.groups_dir) / ".slot-2").readlink() == Path("wg0.json")
+    assert state.taken_slots(settings) == {2}  # (eth0's claim dangled: dropped)
 
 
 def test_records_of_an_earlier_version_without_claims_are_claimed_when_a_slot_is_sought(
@@ -94,3 +98,34 @@ def test_records_of_an_earlier_version_without_claims_are_claimed_when_a_slot_is
     (Path(settings.groups_dir) / ".slot-3").unlink()  # as the earlier version left it
     assert state.taken_slots(settings) == {3}
     assert (Path(settings.groups_dir) / ".slot-3").readlink() == Path("eth0.json")
+
+
+def test_a_teardown_killed_between_record_and_claim_leaves_nothing_after_the_next_group(
+        tmp_path: Path) -> None:
+    """The crash test's case: the watcher died after deleting vlan3's record, before its
+    claim. The next group on vlan3 must neither keep that claim alive (its target exists
+    again) nor leave it behind when it ends."""
+    settings = Settings(state_dir=str(tmp_path))
+    rec = _record("vlan3")
+    rec.slot = 1
+    state.save(settings, rec)
+    Path(state.record_path(settings, "vlan3")).unlink()  # killed here
+    rec = _record("vlan3")
+    rec.slot = state.free_slot(state.taken_slots(settings))
+    state.save(settings, rec)
+    state.delete(settings, "vlan3", rec.slot)
+    assert sorted(p.name for p in Path(settings.groups_dir).iterdir()
+                  if p.name != ".wake") == []
+
+
+def test_a_claim_on_a_record_we_cannot_read_keeps_its_slot(tmp_path: Path) -> None:
+    settings = Settings(state_dir=str(tmp_path))
+    for iface, slot in (("eth0", 1), ("vlan3", 2)):
+        rec = _record(iface)
+        rec.slot = slot
+        state.save(settings, rec)
+    Path(state.record_path(settings, "vlan3")).write_text("{not json")
+    (Path(settings.groups_dir) / ".slot-3").symlink_to("gone.json")  # counts differ
+    assert state.taken_slots(settings) == {1, 2}
+    assert sorted(p.name for p in Path(settings.groups_dir).iterdir()
+                  if p.name.startswith(".slot-")) == [".slot-1", ".slot-2"]

@@ -202,21 +202,44 @@ def delete(settings: Settings, iface: str, slot: int | None = None) -> None:
 
 
 def taken_slots(settings: Settings) -> set[int]:
-    """The slots claimed in the groups directory (a crashed group's claim included, until
-    :func:`remove_orphan_tmp` takes it: under the lock, a claim without its record).
-    As many claims as records, or the records are read and claimed (groups of a version
-    before claims, still running after an upgrade: once). Caller holds the lock."""
+    """The slots claimed in the groups directory. As many claims as records, or the
+    records are read and the claims made to match (:func:`_reclaim`: a group of a version
+    before claims, still running after an upgrade; a teardown killed between its record
+    and its claim). Caller holds the lock."""
     try:
         names = os.listdir(settings.groups_dir)
     except FileNotFoundError:
         return set()
     slots = {int(n[len(SLOT_PREFIX):]) for n in names
              if n.startswith(SLOT_PREFIX) and n[len(SLOT_PREFIX):].isdigit()}
-    if len(slots) != sum(1 for n in names if n.endswith(".json")):  # (a dangling claim
-        # too: then every record is read, and the slot stays taken until the sweep)
-        for rec in load_all(settings):
-            _claim_slot(settings, rec)
-            slots.add(rec.slot)
+    if len(slots) != sum(1 for n in names if n.endswith(".json")):
+        return _reclaim(settings, slots)
+    return slots
+
+
+def _reclaim(settings: Settings, claimed: set[int]) -> set[int]:
+    """Make the claims say what the records say (every record read, once): claim each
+    record's slot, and drop a claim that names no record, or a record of another slot
+    (what a teardown killed between deleting the record and its claim leaves; the next
+    group on that interface would otherwise keep the stale claim alive, and leave it
+    behind). A claim on a record that cannot be read stays: its group may still hold the
+    slot's mark. Caller holds the lock."""
+    loaded = load_all(settings)
+    slots = {rec.slot for rec in loaded}
+    ifaces = {rec.iface for rec in loaded}
+    for rec in loaded:
+        _claim_slot(settings, rec)
+    for slot in claimed - slots:
+        link = os.path.join(settings.groups_dir, f"{SLOT_PREFIX}{slot}")
+        try:
+            target = os.readlink(link)
+            if target[:-len(".json")] not in ifaces and os.path.exists(
+                    os.path.join(settings.groups_dir, target)):
+                slots.add(slot)  # a record we cannot read: its slot stays taken
+                continue
+            os.unlink(link)
+        except OSError:
+            continue
     return slots
 
 
@@ -226,11 +249,17 @@ def remove_orphan_tmp(settings: Settings) -> list[str]:
     gone. Call under :func:`locked`: every writer holds it, so no ``.tmp`` found then
     belongs to a live writer. Returns a line per file removed."""
     done = remove_orphan_tmp_in((settings.groups_dir, settings.state_dir))
-    for slot in sorted(taken_slots(settings)):
-        link = os.path.join(settings.groups_dir, f"{SLOT_PREFIX}{slot}")
-        if os.path.islink(link) and not os.path.exists(link):  # (dangling: no record)
+    try:
+        names = sorted(os.listdir(settings.groups_dir))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        link = os.path.join(settings.groups_dir, name)
+        if name.startswith(SLOT_PREFIX) and os.path.islink(link) \
+                and not os.path.exists(link):  # (dangling: no record)
             os.unlink(link)
-            done.append(f"removed the claim on slot {slot} of a group without record")
+            done.append(f"removed the claim on slot {name[len(SLOT_PREFIX):]} of a group "
+                        "without record")
     return done
 
 
