@@ -104,3 +104,64 @@ def test_stale_entries_of_both_families_are_reset_and_sockets_found_by_cgroup(
     assert got["left"] == [[v4, 10, 0x82000000], [v6, 9, 0], [v6, 10, 0x82000000]]
     # kill_sockets: every socket of the cgroup, and only those (the outside listener lives)
     assert got["after_kill"] == 0
+
+
+# A program in the cgroup whose connection ends in LAST_ACK: the server (outside) sends and
+# closes, the program reads to the end and closes; the server's ACK of that FIN is dropped.
+LAST_ACK_SCRIPT = r"""
+import json, os, socket, subprocess, sys, time
+from via_tunnel.kernel import flows, sockdiag
+cg = sys.argv[1]
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen()
+port = server.getsockname()[1]
+child = subprocess.Popen([sys.executable, "-c", f'''
+import socket, sys
+c = socket.create_connection(("127.0.0.1", {port}))
+while c.recv(4096):
+    pass
+print("eof", flush=True)
+sys.stdin.readline()
+c.close()
+print("closed", flush=True)
+sys.stdin.readline()
+'''], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+     preexec_fn=lambda: open(os.path.join(cg, "cgroup.procs"), "w").write("0"))
+conn, _ = server.accept()
+conn.sendall(b"answer")
+conn.shutdown(socket.SHUT_WR)
+assert child.stdout.readline().strip() == "eof"
+subprocess.run(["nft", "add rule inet vt_flows_test output tcp sport " + str(port)
+                + " tcp flags == ack drop"], check=True)
+child.stdin.write("\n"); child.stdin.flush()
+assert child.stdout.readline().strip() == "closed"
+deadline = time.monotonic() + 5
+while not [s for s in sockdiag.sockets(cg) if s.awaits_ack_of_fin()]:
+    assert time.monotonic() < deadline, sockdiag.sockets(cg)
+    time.sleep(0.01)
+states = sorted(s.state for s in sockdiag.sockets(cg) if s.proto == "tcp")
+start = time.monotonic()
+flows.kill_sockets(cg)
+took = time.monotonic() - start
+print(json.dumps({"states": states, "took": took, "after": len(sockdiag.sockets(cg))}))
+child.stdin.write("\n"); child.stdin.flush(); child.wait()
+"""
+
+
+def test_a_socket_waiting_for_the_ack_of_its_fin_gets_a_grace_then_goes(
+        netns_and_cgroup: tuple[str, str]) -> None:
+    """The far end's ACK never comes here: kill_sockets waits CLOSING_GRACE for it (a
+    LAST_ACK socket destroyed at once would answer the late ACK with a reset, by the LAN
+    once our rules are gone), then destroys the socket all the same."""
+    from via_tunnel.kernel.flows import CLOSING_GRACE
+    from via_tunnel.kernel.sockdiag import TCP_LAST_ACK
+
+    name, path = netns_and_cgroup
+    argv = ["nsenter", f"--net=/var/run/netns/{name}", sys.executable, "-c", LAST_ACK_SCRIPT,
+            path]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": PACKAGE_PARENT})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["states"] == [TCP_LAST_ACK]  # sock_diag's state, read by parse_sock
+    assert CLOSING_GRACE <= got["took"] < CLOSING_GRACE + 2, got
+    assert got["after"] == 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 import struct
 
-from via_tunnel.kernel import conntrack, nlmsg, sockdiag
+import pytest
+
+from via_tunnel.kernel import conntrack, flows, nlmsg, sockdiag
 from via_tunnel.kernel.conntrack import Entry
 from via_tunnel.kernel.flows import unmasqueraded
 
@@ -103,6 +105,44 @@ def test_a_socket_reads_back_and_is_destroyed_by_its_own_id() -> None:
                         struct.pack("=BBBB", V6, 1, 0, 0) + sockid + bytes(20))
     sock = sockdiag.parse_sock(msg, "tcp")
     assert sock[:6] == (V6, "tcp", "2001:db8::50", 8080, "2001:db8::9", 50002)
+    assert sock.state == 1 and not sock.awaits_ack_of_fin()  # TCP_ESTABLISHED
     request = sockdiag.destroy_request(sock)
     assert request[:2] == bytes([V6, socket.IPPROTO_TCP]) and request.endswith(sockid)
     assert len(request) == 56  # struct inet_diag_req_v2
+
+
+def _sock(proto: str, state: int) -> sockdiag.Sock:
+    return sockdiag.Sock(socket.AF_INET, proto, "192.0.2.2", 40000, "198.51.100.1", 80,
+                         b"", state)
+
+
+@pytest.mark.parametrize(("states", "dumps"), [
+    ([[1, 7]], 1),  # nothing waits for an ACK: one dump, destroyed at once
+    ([[sockdiag.TCP_LAST_ACK, 1], [sockdiag.TCP_LAST_ACK], [1]], 3),  # until the ACK came
+])
+def test_kill_sockets_waits_only_while_a_fin_awaits_its_ack(
+        monkeypatch: pytest.MonkeyPatch, states: list[list[int]], dumps: int) -> None:
+    views = [[_sock("tcp", st) for st in view] for view in states]
+    seen: list[int] = []
+    destroyed: list[list[sockdiag.Sock]] = []
+
+    def sockets(path: str, known: tuple[int, ...] = ()) -> list[sockdiag.Sock]:
+        seen.append(1)
+        return views[min(len(seen), len(views)) - 1]
+
+    monkeypatch.setattr(sockdiag, "sockets", sockets)
+    monkeypatch.setattr(sockdiag, "destroy_sockets", destroyed.append)
+    flows.kill_sockets("/sys/fs/cgroup/x")
+    assert len(seen) == dumps
+    assert destroyed == [views[-1]]
+
+
+def test_kill_sockets_gives_up_waiting_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    waiting = [_sock("tcp", sockdiag.TCP_FIN_WAIT1), _sock("udp", sockdiag.TCP_LAST_ACK)]
+    destroyed: list[list[sockdiag.Sock]] = []
+    monkeypatch.setattr(sockdiag, "sockets", lambda path, known=(): waiting)
+    monkeypatch.setattr(sockdiag, "destroy_sockets", destroyed.append)
+    monkeypatch.setattr(flows, "CLOSING_GRACE", 0.02)
+    flows.kill_sockets("/sys/fs/cgroup/x")
+    assert destroyed == [waiting]
+    assert [s.awaits_ack_of_fin() for s in waiting] == [True, False]  # (UDP: never)

@@ -58,12 +58,30 @@ def unmasqueraded(entries: Iterable[Entry], ports: set[tuple[str, int]], mark: i
     return stale
 
 
+# How long a teardown lets the group's last TCP closes finish (see kill_sockets).
+CLOSING_GRACE = 0.25
+_CLOSING_POLL = 0.003
+
+
 def kill_sockets(cgroup_path: str, cgroup_id: int = 0) -> None:
     """Destroy every TCP and UDP socket of the group (sock_destroy, as ``ss -K``), found by
     its cgroup's id (``cgroup_id`` when the directory is gone: systemd removes an emptied
-    scope's). Best effort, as it always was: a kernel that refuses leaves them."""
+    scope's). Best effort, as it always was: a kernel that refuses leaves them.
+
+    A socket that only waits for the far end's ACK of its FIN (a program that closed and
+    exited at once: curl after an HTTP/1.0 answer) is given up to CLOSING_GRACE to get it:
+    destroyed before, the ACK that arrives a round trip later finds no socket and the
+    kernel answers it with a reset, sent once our rules may be gone (by the LAN, where
+    draining is off) and, either way, a reset where the far end expected a clean close.
+    No wait when no socket is in that state (the usual case: one dump, as before)."""
+    known = (cgroup_id,) if cgroup_id else ()
     with contextlib.suppress(OSError):
-        sockdiag.destroy(cgroup_path, (cgroup_id,) if cgroup_id else ())
+        found = sockdiag.sockets(cgroup_path, known=known)
+        deadline = time.monotonic() + CLOSING_GRACE
+        while any(s.awaits_ack_of_fin() for s in found) and time.monotonic() < deadline:
+            time.sleep(_CLOSING_POLL)
+            found = sockdiag.sockets(cgroup_path, known=known)
+        sockdiag.destroy_sockets(found)
 
 
 def lingering(mark: int, mark_mask: int) -> int | None:

@@ -45,6 +45,8 @@ _SOCKID = struct.Struct("!HH16s16s")  # sport, dport, src, dst (then if, cookie:
 _SOCKID_TAIL = struct.Struct("=I8s")  # interface, cookie
 _MSG_HEAD = struct.Struct("=BBBB")  # inet_diag_msg: family, state, timer, retrans
 _BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no
+TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_CLOSING = 4, 9, 11
+_AWAITING_ACK_OF_FIN = frozenset({TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_CLOSING})
 
 
 class Sock(NamedTuple):
@@ -58,6 +60,12 @@ class Sock(NamedTuple):
     remote: str
     remote_port: int
     sockid: bytes
+    state: int = 0  # TCP_* of <net/tcp_states.h> (UDP: TCP_CLOSE or TCP_ESTABLISHED)
+
+    def awaits_ack_of_fin(self) -> bool:
+        """A TCP socket that closed and waits only for the far end to acknowledge its FIN
+        (FIN_WAIT1, CLOSING, LAST_ACK): it is gone one round trip later, by itself."""
+        return self.proto == "tcp" and self.state in _AWAITING_ACK_OF_FIN
 
 
 def cgroup_filter(cgroup_ids: list[int]) -> bytes:
@@ -95,13 +103,13 @@ def destroy_request(sock: Sock) -> bytes:
 def parse_sock(msg: bytes, proto: str) -> Sock:
     """A socket from one answer of a dump (a whole netlink message)."""
     offset = HEADER.size
-    family = _MSG_HEAD.unpack_from(msg, offset)[0]
+    family, state, _timer, _retrans = _MSG_HEAD.unpack_from(msg, offset)
     offset += _MSG_HEAD.size
     sockid = msg[offset:offset + _SOCKID.size + _SOCKID_TAIL.size]
     sport, dport, src, dst = _SOCKID.unpack_from(msg, offset)
     size = 4 if family == socket.AF_INET else 16
     return Sock(family, proto, socket.inet_ntop(family, src[:size]), sport,
-                socket.inet_ntop(family, dst[:size]), dport, sockid)
+                socket.inet_ntop(family, dst[:size]), dport, sockid, state)
 
 
 def cgroup_ids(path: str, descendants: bool = True) -> list[int]:
