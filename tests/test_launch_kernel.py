@@ -468,6 +468,20 @@ def test_a_warm_launch_imports_only_the_hot_path(lab: Lab, vt_env: dict[str, str
         holder.wait(timeout=5)
 
 
+# What a cold launch may not import: pyroute2's message classes alone cost ~28 ms (rtnl.py
+# builds requests and rtmsg.py decodes answers with struct), the others far more.
+NOT_ON_THE_COLD_PATH = {"pyroute2", "asyncio", "typer", "psutil", "ssl", "multiprocessing"}
+
+
+def test_a_cold_launch_imports_no_pyroute2(lab: Lab, vt_env: dict[str, str],
+                                           clean: None) -> None:
+    mods = _imported(lab, [*lab.nsenter(lab.client), sys.executable, "-c", CONSOLE_SCRIPT,
+                           "vlan3", "--", "true"], vt_env)
+    assert "via_tunnel.kernel.rtnl" in mods, "not a cold launch"
+    assert not NOT_ON_THE_COLD_PATH & {m.split(".")[0] for m in mods}, \
+        sorted(NOT_ON_THE_COLD_PATH & {m.split(".")[0] for m in mods})
+
+
 def test_a_missing_nft_binding_changes_nothing(lab: Lab, vt_env: dict[str, str],
                                               clean: None, tmp_path: Path) -> None:
     """Every prerequisite is checked before the first change: no rule, route, cgroup or

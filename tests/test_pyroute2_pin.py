@@ -1,6 +1,7 @@
-"""pyroute2 is used by its internals (kernel/rtnl.py imports its message classes and skips
-its package ``__init__``, pyroute2_lazy.py): the installed version must be in the range
-pyproject.toml pins, and what rtnl.py relies on must still be there and behave."""
+"""pyroute2 is used by its internals (the doctor decodes ip rules with its message classes,
+skipping its package ``__init__``: pyroute2_lazy.py; the tests pin rtnl.py's and rtmsg.py's
+wire format to it): the installed version must be in the range pyproject.toml pins, and
+what we rely on must still be there and behave."""
 
 from __future__ import annotations
 
@@ -27,15 +28,19 @@ def test_the_installed_pyroute2_is_in_the_pinned_range() -> None:
     assert _version(bounds[">="]) <= installed < _version(bounds["<"]), (spec, installed)
 
 
-def test_rtnl_imports_the_message_classes_without_pyroute2s_init() -> None:
+def test_rtnl_needs_no_pyroute2_and_the_doctors_decoder_skips_its_init() -> None:
     code = (
         "import sys\n"
         "from via_tunnel.kernel import rtnl\n"
+        "assert not [m for m in sys.modules if m.startswith('pyroute2')], 'rtnl imports it'\n"
+        "from via_tunnel.kernel.pyroute2_lazy import register_package\n"
+        "register_package()\n"
+        "from pyroute2.netlink.rtnl.fibmsg import fibmsg\n"
         "assert 'pyroute2.iproute' not in sys.modules, 'the package __init__ ran'\n"
         "from via_tunnel.kernel.nlmsg import message\n"
         "p = rtnl.rule_payload(2, 5100, 0x81000000, 0xff000000, 0x76740001, \"lookup\", 0,"
         " False)\n"
-        "d = rtnl.fibmsg(message(rtnl.RTM_NEWRULE, 1, 1, p))\n"
+        "d = fibmsg(message(rtnl.RTM_NEWRULE, 1, 1, p))\n"
         "d.decode()\n"
         "print(d.get_attr('FRA_TABLE'), d.get_attr('FRA_PRIORITY'), d['action'])\n"
     )

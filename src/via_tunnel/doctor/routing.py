@@ -68,7 +68,7 @@ def dump_rules() -> list[object]:
     with netlink.open_rtnl() as rt:
         for family in (AF_INET, AF_INET6):
             try:
-                msgs = rt.rules(family)
+                msgs = rt.rules_in_full(family)
             except Exception:  # IPv6 disabled: no v6 rules to judge
                 if family == AF_INET:
                     raise

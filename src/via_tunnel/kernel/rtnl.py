@@ -1,9 +1,12 @@
-"""A small synchronous rtnetlink client: pyroute2's message classes over a plain socket.
+"""A small synchronous rtnetlink client over a plain socket, standard library only.
 
 Why not pyroute2's ``IPRoute``: importing it pulls in asyncio, ssl, multiprocessing and
-the rest of its socket machinery, ~40 ms of a ~100 ms cold launch. The message classes
-(how each rtnetlink message and attribute is laid out) are the part worth reusing, and
-cost a fraction of that; sending a request and reading its answer is a few lines.
+the rest of its socket machinery, ~40 ms of a ~100 ms cold launch; its message classes
+alone still cost ~28 ms to import and most of ``status``'s time at a thousand groups. The
+requests are built with ``struct`` here and the answers decoded by ``rtmsg.py``, both
+pinned to what pyroute2 encodes and decodes (tests/test_rtnl_encode.py, test_rtmsg.py).
+pyroute2 itself is used where a message of any shape must be read in full: the doctor's
+dump of other tools' ip rules (:meth:`Rtnl.rules_in_full`).
 
 Contracts: one :class:`Rtnl` per thread (requests are answered in order on its socket);
 a change either succeeds or raises :class:`NetlinkError` carrying the kernel's errno.
@@ -34,14 +37,7 @@ from via_tunnel.kernel.nlmsg import (
     attr,
     message,
 )
-from via_tunnel.kernel.pyroute2_lazy import register_package
-
-register_package()  # pyroute2's package __init__ would import everything (see there)
-
-from pyroute2.netlink.rtnl.fibmsg import fibmsg  # noqa: E402
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # noqa: E402
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: E402
-from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
+from via_tunnel.kernel.rtmsg import Message, decode
 
 # <linux/rtnetlink.h>, <linux/fib_rules.h> (the netlink basics: nlmsg.py)
 RTM_GETLINK = 18
@@ -76,77 +72,54 @@ class Rtnl(Socket):
 
     # -- transport --------------------------------------------------------------------
 
-    def _send(self, msg: Any, msg_type: int, flags: int) -> int:
-        seq = self.next_seq()
-        msg["header"]["type"] = msg_type
-        msg["header"]["flags"] = flags
-        msg["header"]["sequence_number"] = seq
-        msg.encode()
-        self.sock.send(msg.data)
-        return seq
-
-    def _answers(self, seq: int, cls: Any, what: str) -> Iterator[Any]:
-        """The messages answering request ``seq``, decoded as ``cls`` (see
-        :meth:`Socket.answers`)."""
+    def _answers(self, seq: int, kind: str, what: str) -> Iterator[Message]:
+        """The messages answering request ``seq``, decoded as ``kind`` (see
+        :meth:`Socket.answers` and :func:`rtmsg.decode`)."""
         for chunk in self.answers(seq, what):
-            msg = cls(chunk)
-            msg.decode()
-            yield msg
+            yield decode(kind, chunk)
 
-    def _dump(self, msg: Any, msg_type: int, what: str) -> list[Any]:
+    def _dump(self, msg_type: int, payload: bytes, kind: str, what: str) -> list[Message]:
         """Every answer of a dump. One the kernel marks inconsistent (the table changed
         while it was being dumped) is asked for again, a few times."""
         for _ in range(_DUMP_TRIES):
-            out = list(self._answers(self._send(msg, msg_type, NLM_F_REQUEST | NLM_F_DUMP),
-                                     type(msg), what))
+            out = list(self._answers(self.request(msg_type, NLM_F_REQUEST | NLM_F_DUMP,
+                                                  payload), kind, what))
             if not self.interrupted:
                 break
         return out
 
     # -- reads ------------------------------------------------------------------------
 
-    def link(self, name: str) -> Any | None:
+    def link(self, name: str) -> Message | None:
         """The RTM_NEWLINK message of interface ``name``, or None if there is none."""
-        msg = ifinfmsg()
-        msg["attrs"] = [("IFLA_IFNAME", name)]
-        seq = self._send(msg, RTM_GETLINK, NLM_F_REQUEST)
+        seq = self.request(RTM_GETLINK, NLM_F_REQUEST, link_request_payload(name))
         try:
-            return next(iter(self._answers(seq, ifinfmsg, f"look up {name}")), None)
+            return next(iter(self._answers(seq, "link", f"look up {name}")), None)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return None
             raise
 
-    def links(self) -> list[Any]:
+    def links(self) -> list[Message]:
         """The RTM_NEWLINK messages of every interface (one dump)."""
-        return self._dump(ifinfmsg(), RTM_GETLINK, "list interfaces")
+        return self._dump(RTM_GETLINK, link_request_payload(None), "link", "list interfaces")
 
-    def addresses(self, index: int | None) -> list[Any]:
+    def addresses(self, index: int | None) -> list[Message]:
         """The addresses (both families) of interface ``index`` (None: of every one)."""
-        msg = ifaddrmsg()
-        if index is not None:
-            msg["index"] = index
-        return [a for a in self._dump(msg, RTM_GETADDR, "list addresses")
+        return [a for a in self._dump(RTM_GETADDR, _IFADDRMSG.pack(0, 0, 0, 0, index or 0),
+                                      "addr", "list addresses")
                 if index is None or a["index"] == index]
 
     def routes(self, family: int, table: int | None = None,
-               oif: int | None = None) -> list[Any]:
+               oif: int | None = None) -> list[Message]:
         """The routes of ``family``, of ``table`` only when given (None: every table) and
         through interface ``oif`` only when given, both filtered by the kernel (strict
         checking). A family the kernel lacks (IPv6 with ``ipv6.disable=1``) has none: the
         kernel answers such a dump with the routes of every family, so they are filtered
         here too."""
-        msg = rtmsg()
-        msg["family"] = family
-        attrs: list[tuple[str, Any]] = []
-        if table is not None:
-            msg["table"] = table if table < 256 else RT_TABLE_UNSPEC
-            attrs.append(("RTA_TABLE", table))
-        if oif is not None:
-            attrs.append(("RTA_OIF", oif))
-        msg["attrs"] = attrs
         try:
-            out = self._dump(msg, RTM_GETROUTE, "list routes")
+            out = self._dump(RTM_GETROUTE, route_dump_payload(family, table, oif), "route",
+                             "list routes")
         except NetlinkError as exc:
             if table is not None and exc.code == errno.ENOENT:  # no such table: no routes
                 return []
@@ -155,10 +128,27 @@ class Rtnl(Socket):
                 and (table is None or route_table(r) == table)
                 and (oif is None or r.get_attr("RTA_OIF") == oif)]
 
-    def rules(self, family: int) -> list[Any]:
-        msg = fibmsg()
-        msg["family"] = family
-        return self._dump(msg, RTM_GETRULE, "list ip rules")
+    def rules(self, family: int) -> list[Message]:
+        """The ip rules of ``family``, with the attributes via-tunnel's own rules use."""
+        return self._dump(RTM_GETRULE, _HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), "rule",
+                          "list ip rules")
+
+    def rules_in_full(self, family: int) -> list[Any]:
+        """The ip rules of ``family`` decoded by pyroute2, every attribute (the doctor
+        describes other tools' rules, whatever selectors they use)."""
+        from via_tunnel.kernel.pyroute2_lazy import register_package
+
+        register_package()  # pyroute2's package __init__ would import everything
+        from pyroute2.netlink.rtnl.fibmsg import fibmsg
+
+        out = []
+        seq = self.request(RTM_GETRULE, NLM_F_REQUEST | NLM_F_DUMP,
+                           _HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+        for chunk in self.answers(seq, "list ip rules"):
+            msg = fibmsg(chunk)
+            msg.decode()
+            out.append(msg)
+        return out
 
     # -- changes ----------------------------------------------------------------------
 
@@ -184,6 +174,9 @@ class Rtnl(Socket):
 Request = tuple[int, int, bytes]  # (message type, flags, payload): for Rtnl.change_all
 _BATCH = 128  # changes per datagram (a rule message is ~50 bytes, a route's ~70)
 _HDR = struct.Struct("=BBBBBBBBI")  # rtmsg and fib_rule_hdr: 8 bytes then u32 flags
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+IFLA_IFNAME = 3
 _U32 = struct.Struct("=I")
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 FRA_GOTO, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 4, 6, 10, 15, 16
@@ -214,6 +207,26 @@ def rule_request(*, add: bool, family: int, priority: int, fwmark: int, fwmask: 
     payload = rule_payload(family, priority, fwmark, fwmask, table, action, goto, invert)
     return (RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, payload) if add \
         else (RTM_DELRULE, 0, payload)
+
+
+def link_request_payload(name: str | None) -> bytes:
+    """An ifinfomsg asking for interface ``name`` (None: for every one, in a dump)."""
+    out = _IFINFOMSG.pack(0, 0, 0, 0, 0)
+    if name is not None:
+        out += attr(IFLA_IFNAME, name.encode() + b"\0")
+    return out
+
+
+def route_dump_payload(family: int, table: int | None, oif: int | None) -> bytes:
+    """An rtmsg asking for the routes of ``family`` in ``table``, through ``oif`` (each
+    only when given; the kernel filters by them under strict checking)."""
+    out = _HDR.pack(family, 0, 0, 0, 0 if table is None or table >= 256 else table,
+                    0, 0, 0, 0)
+    if table is not None:
+        out += attr(RTA_TABLE, _U32.pack(table))
+    if oif is not None:
+        out += attr(RTA_OIF, _U32.pack(oif))
+    return out
 
 
 def route_payload(family: int, table: int, dst: str | None, dst_len: int, kind: int,
@@ -247,6 +260,6 @@ def rule_payload(family: int, priority: int, fwmark: int, fwmask: int, table: in
     return out
 
 
-def route_table(msg: Any) -> int:
+def route_table(msg: Message) -> int:
     """A route's table: the RTA_TABLE attribute (the header field holds only 8 bits)."""
     return int(msg.get_attr("RTA_TABLE") or msg["table"])
