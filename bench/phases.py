@@ -183,7 +183,7 @@ STATUS_STEPS = {"via_tunnel.kernel.netlink": ("link_states",),
                 "via_tunnel.kernel.nft": ("group_counters", "draining"),
                 "via_tunnel.kernel.cgroup": ("members", "cgroup2_mount"),
                 "via_tunnel.kernel.procs": ("command_line",),
-                "via_tunnel.group.placement": ("moved_members",),
+                "via_tunnel.group.placement": ("moved_out", "netcls_root_of"),
                 "via_tunnel.group.state": ("load_all", "watcher_pid", "drain_may_be_live")}
 
 

@@ -90,10 +90,11 @@ def group_info() -> list[dict[str, object]]:
     out = []
     mount = cgroup.cgroup2_mount() if records else ""
     watcher = state.watcher_pid(settings) if records and root else None
+    netcls_root = placement.netcls_root_of(settings) if records else None
     for rec in records:
         members: list[dict[str, object]] = []
         inside = cgroup.members(rec.cgroup)
-        for pid in inside + placement.moved_members(settings, rec):
+        for pid in inside + placement.moved_out(rec, inside, netcls_root):
             cmd = procs.command_line(pid)
             if cmd is None:
                 continue  # (gone meanwhile)

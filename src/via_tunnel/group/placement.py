@@ -79,14 +79,29 @@ def moved_members(settings: Settings, rec: GroupRecord) -> list[int]:
     --scope, flatpak): in its net_cls cgroup but not in its cgroup2 group. Read only where
     the hierarchy is mounted in this mount namespace (never mounts: an allowed user's
     ``status`` may not); [] otherwise."""
+    from via_tunnel.kernel import cgroup
+
+    return moved_out(rec, cgroup.members(rec.cgroup), netcls_root_of(settings))
+
+
+def moved_out(rec: GroupRecord, inside: list[int], netcls_root: str | None) -> list[int]:
+    """:func:`moved_members` from what a caller looking at many groups read once: the
+    group's cgroup2 members (``inside``) and :func:`netcls_root_of`."""
+    from via_tunnel.kernel import cgroup
+
+    if not rec.netcls or netcls_root is None:
+        return []
+    members = set(inside)
+    return [p for p in cgroup.members(os.path.join(netcls_root, rec.netcls))
+            if p not in members]
+
+
+def netcls_root_of(settings: Settings) -> str | None:
+    """Where this instance's net_cls hierarchy is mounted here (None: not mounted)."""
     from via_tunnel.core.settings import netcls_mount_point
     from via_tunnel.kernel import cgroup
 
-    mount = cgroup.netcls_mount(own=netcls_mount_point(settings.state_dir))
-    if not rec.netcls or mount is None:
-        return []
-    inside = set(cgroup.members(rec.cgroup))
-    return [p for p in cgroup.members(os.path.join(mount, rec.netcls)) if p not in inside]
+    return cgroup.netcls_mount(own=netcls_mount_point(settings.state_dir))
 
 
 def put_back(home: str | None, pid: int | None) -> None:
