@@ -482,6 +482,26 @@ def test_a_cold_launch_imports_no_pyroute2(lab: Lab, vt_env: dict[str, str],
         sorted(NOT_ON_THE_COLD_PATH & {m.split(".")[0] for m in mods})
 
 
+# What `status` may not import, groups or not: it is run by prompts and scripts, often.
+NOT_IN_STATUS = {"pyroute2", "psutil", "typer", "asyncio", "dataclasses",
+                 "via_tunnel.core.plan", "via_tunnel.group.lifecycle"}
+
+
+def test_status_imports_no_planner_psutil_or_pyroute2(lab: Lab, vt_env: dict[str, str],
+                                                      clean: None) -> None:
+    holder = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")
+    try:
+        wait_for(lambda: status(lab, vt_env), timeout=5, what="group")
+        mods = _imported(lab, [*lab.nsenter(lab.client), sys.executable, "-c", CONSOLE_SCRIPT,
+                               "status", "--json"], vt_env)
+        assert "via_tunnel.kernel.netlink" in mods, "status read no link: not with a group"
+        found = {m for m in mods if m in NOT_IN_STATUS or m.split(".")[0] in NOT_IN_STATUS}
+        assert not found, sorted(found)
+    finally:
+        holder.terminate()
+        holder.wait(timeout=5)
+
+
 def test_a_missing_nft_binding_changes_nothing(lab: Lab, vt_env: dict[str, str],
                                               clean: None, tmp_path: Path) -> None:
     """Every prerequisite is checked before the first change: no rule, route, cgroup or

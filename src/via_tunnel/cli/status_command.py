@@ -76,21 +76,25 @@ def group_info() -> list[dict[str, object]]:
     """The active groups as `status --json` prints them (the shape is documented in the
     README and the man page: keys are only ever added)."""
     from via_tunnel.core.settings import Settings
-    from via_tunnel.group import placement, state
-    from via_tunnel.kernel import cgroup, netlink, nft, procs
+    from via_tunnel.group import state
 
     settings = Settings.from_env()
     records = state.load_all(settings)
-    links = netlink.link_states(rec.iface for rec in records) if records else {}
+    if not records:  # (nothing else to import: the usual answer, kept quick)
+        return []
+    from via_tunnel.group import placement
+    from via_tunnel.kernel import cgroup, netlink, nft, procs
+
+    links = netlink.link_states(rec.iface for rec in records)
     # Counters and watcher locks are root's (reading nft needs CAP_NET_ADMIN; a lock anyone
     # could open could be held by anyone): an allowed user sees the rest, they show null.
     root = os.geteuid() == 0
-    sent = nft.group_counters("tx") if records and root else {}
-    received = nft.group_counters("rx") if records and root else {}
+    sent = nft.group_counters("tx") if root else {}
+    received = nft.group_counters("rx") if root else {}
     out = []
-    mount = cgroup.cgroup2_mount() if records else ""
-    watcher = state.watcher_pid(settings) if records and root else None
-    netcls_root = placement.netcls_root_of(settings) if records else None
+    mount = cgroup.cgroup2_mount()
+    watcher = state.watcher_pid(settings) if root else None
+    netcls_root = placement.netcls_root_of(settings)
     for rec in records:
         members: list[dict[str, object]] = []
         inside = cgroup.members(rec.cgroup)

@@ -229,14 +229,16 @@ def run(socket_path: str | None = None, config_path: str | None = None) -> int:
     settings = Settings.from_env()
     os.umask(0o022)
     os.chdir("/")
-    from via_tunnel.kernel import (
+    from via_tunnel.kernel import (  # (preload: cold launches and callers' checks stay fast)
         netlink,
-        nft,  # (preload: cold launches stay fast)
+        nft,
+        procs,
     )
 
     with contextlib.suppress(Exception):
         netlink.preload()
         nft.preload()
+        procs.preload()
 
     for directory in (settings.state_dir, settings.groups_dir):
         check_private_dir(directory)  # records are trusted only in a root-only directory

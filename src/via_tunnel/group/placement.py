@@ -21,13 +21,14 @@ the other groups' elements, in the same transaction as the rest of the teardown.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from via_tunnel.core.nftplan import level_map_name
-from via_tunnel.core.plan import GroupPlan
 from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE, SCOPE_SLICE, Settings
 from via_tunnel.group import adapters
 from via_tunnel.group.state import GroupRecord
+
+if TYPE_CHECKING:  # (the planner costs ~20 ms to import; `status` reads members only)
+    from via_tunnel.core.plan import GroupPlan
 
 GROUP_PREFIX = "if-"  # cgroup dir = if-IFACE: never collides with cgroup.* control files
 
@@ -134,6 +135,8 @@ def release(settings: Settings, subtree: str) -> None:
 def rebuilt_level_map(level: int, others: list[GroupPlan]) -> list[dict[str, Any]]:
     """JSON commands that empty the cgroup2 map of ``level`` and add back the elements of
     ``others`` (the groups at that level whose cgroup exists)."""
+    from via_tunnel.core.nftplan import level_map_name
+
     name = level_map_name(level)
     commands: list[dict[str, Any]] = [
         {"flush": {"map": {"family": NFT_FAMILY, "table": NFT_TABLE, "name": name}}}]

@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 from via_tunnel.core.errors import KernelError, ViaTunnelError
-from via_tunnel.core.nftplan import base_ruleset, level_ruleset, levels_in
 from via_tunnel.core.settings import NFT_FAMILY, NFT_TABLE
 
 _ctx: Any = None  # JSON in and out: every change, and listings of sets
@@ -162,6 +161,8 @@ def ensure_table(level: int) -> None:
     """Create our table and the map/rule for ``level`` if missing (one transaction). What
     exists is read from the names of our maps (:func:`declared`): a level's map and rule
     come together, and a rule someone deleted is the watcher's to put back (repair)."""
+    from via_tunnel.core.nftplan import base_ruleset, level_ruleset, levels_in
+
     maps = declared("maps").get(NFT_TABLE)
     if maps is None:
         change = base_ruleset()
