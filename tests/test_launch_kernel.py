@@ -515,3 +515,36 @@ def test_a_missing_nft_binding_changes_nothing(lab: Lab, vt_env: dict[str, str],
     # The watcher started before setup finds no record and leaves, its files and all.
     wait_for(lambda: not os.path.isdir(groups_dir) or not os.listdir(groups_dir), timeout=5,
              what="an empty state directory")
+
+
+# One datagram to the UDP echo from local port PORT; prints the source the server saw.
+UDP_FROM_PORT = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(3)
+s.sendto(b"x", ("{Lab.SERVER}", {Lab.UDP_PORT}))
+print(s.recv(100).decode().strip())
+"""
+
+
+def test_a_flow_of_an_ended_group_is_not_inherited_by_a_program_in_no_group(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    """A group's UDP flow outlives the group in conntrack (30-120 s). A program in no group
+    that gets the same port and talks to the same server must not be taken for that flow
+    and carry its mark: here the mark belongs to the next group on vlan3 by then, which
+    would route the program through vlan3 (the crash test saw it: its outside prober
+    answered from the tunnel's address)."""
+    port = "40999"
+    udp = [sys.executable, "-c", UDP_FROM_PORT, port]
+    assert via(lab, vt_env, "vlan3", "--", *udp).stdout.strip() == Lab.CLIENT_VETH
+    wait_for(lambda: not status(lab, vt_env), timeout=5, what="the group to end")
+    holder = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")  # the same slot, mark
+    try:
+        wait_for(lambda: status(lab, vt_env), timeout=5, what="the next group")
+        out = lab.run(lab.client, udp).stdout.strip()
+        assert out == Lab.CLIENT_LAN, f"a program in no group left as {out}"
+    finally:
+        holder.terminate()
+        holder.wait(timeout=5)

@@ -176,6 +176,9 @@ class Flows(Protocol):
         """Seconds the longest-lived conntrack entry with the group's mark has left (0:
         none); None when conntrack cannot be read."""
 
+    def forget(self, mark: int, mark_mask: int) -> None:
+        """Delete the conntrack entries with the group's mark."""
+
 
 class Resolvers(Protocol):
     """The system's resolver configuration (kernel/resolvers.py)."""

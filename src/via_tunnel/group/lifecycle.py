@@ -40,6 +40,7 @@ from via_tunnel.core.settings import (
     MAX_SLOT,
     Settings,
     classid_for_slot,
+    mark_for_slot,
     table_for_slot,
 )
 from via_tunnel.group import adapters, placement, state
@@ -103,6 +104,8 @@ def _create(settings: Settings, iface: str, *, gateway: str | None, ipv6: IPv6Mo
     path = group_path(settings, mount, iface)
     draining = k.nft.draining() if state.drain_may_be_live(settings) else {}
     slot = state.free_slot(state.taken_slots(settings), set(draining))
+    if state.drain_noted(settings):  # a drain ended: a flow it outlived (UDP refreshed by
+        k.flows.forget(mark_for_slot(slot), MARK_MASK)  # late packets) keeps the mark
     # The shared rules come with every group: "already there" costs the kernel a lookup
     # per rule in the same round trip, and whatever removed some is mended by it.
     shared = shared_rules()
@@ -204,7 +207,8 @@ def _drain_seconds(k: adapters.Kernel, rec: GroupRecord, longest: int) -> int:
     packet of that flow draws an answer with the mark), at most ``longest``; ``longest``
     when conntrack cannot be read (no leak wins). Called after its sockets are destroyed,
     so only what the kernel keeps of closed flows (TIME_WAIT, CLOSE, UDP) counts."""
-    if longest <= 0:
+    if longest <= 0:  # no drain: no flow may keep the mark either (flows.forget)
+        k.flows.forget(rec.mark, MARK_MASK)
         return 0
     left = k.flows.lingering(rec.mark, MARK_MASK)
     return longest if left is None else min(left, longest)

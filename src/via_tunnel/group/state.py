@@ -286,6 +286,11 @@ def drain_may_be_live(settings: Settings) -> bool:
     return _drain_until(settings) > _boottime()
 
 
+def drain_noted(settings: Settings) -> bool:
+    """Whether a group drained since our table was made (live or over)."""
+    return os.path.exists(drain_path(settings))
+
+
 def forget_drains(settings: Settings) -> None:
     """Our table is gone, and with it every drain."""
     remove_json(drain_path(settings))

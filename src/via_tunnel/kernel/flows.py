@@ -84,6 +84,15 @@ def kill_sockets(cgroup_path: str, cgroup_id: int = 0) -> None:
         sockdiag.destroy_sockets(found)
 
 
+def forget(mark: int, mark_mask: int) -> None:
+    """Delete the conntrack entries with the group's mark (both families). While one
+    lives, a new flow with the same addresses and ports (a program in no group that got
+    the same UDP port, and talks to the same server) would be taken for it and carry the
+    mark: dropped, or routed by the next group given that mark. Best effort."""
+    with contextlib.suppress(OSError), conntrack.open_socket() as nl:
+        conntrack.delete(nl, conntrack.dump(nl, mark, mark_mask))
+
+
 def lingering(mark: int, mark_mask: int) -> int | None:
     """The longest time, in seconds, that a conntrack entry with the group's mark still
     lives (0: none is left); None when conntrack cannot be read (the caller assumes the
