@@ -31,7 +31,8 @@ def test_a_users_routing_options_need_user_options(req: Request) -> None:
 
 def test_a_plain_run_does_not_join_a_group_started_with_other_options(
         settings: Settings, fake: FakeKernel) -> None:  # noqa: F811
-    lifecycle.ensure_group(settings, "tun0", ipv6="block", dns=("198.51.100.53",))
+    rec = lifecycle.ensure_group(settings, "tun0", ipv6="block", dns=("198.51.100.53",))
+    fake.populated_groups.add(rec.cgroup)  # a member runs in it
     with pytest.raises(ViaTunnelError, match=r"in use with other routing options.*ipv6, dns"):
         lifecycle.ensure_group(settings, "tun0", exact=True)
     # Root (not exact) joins it as before; so does a caller asking exactly the same.
@@ -46,6 +47,7 @@ def test_a_plain_run_does_not_join_a_group_started_with_other_options(
 def test_a_plain_group_is_joined_by_plain_runs_only(
         settings: Settings, fake: FakeKernel) -> None:  # noqa: F811
     rec = lifecycle.ensure_group(settings, "tun0")
+    fake.populated_groups.add(rec.cgroup)
     assert rec.asked() == (None, "auto", ())
     assert lifecycle.ensure_group(settings, "tun0", exact=True).slot == rec.slot
     with pytest.raises(ViaTunnelError, match="gateway differ"):
@@ -55,9 +57,22 @@ def test_a_plain_group_is_joined_by_plain_runs_only(
 def test_an_older_record_is_joined_only_with_identical_routing(
         settings: Settings, fake: FakeKernel) -> None:  # noqa: F811
     rec = lifecycle.ensure_group(settings, "tun0")
+    fake.populated_groups.add(rec.cgroup)
     rec.dns_asked = rec.ipv6_asked = rec.gateway_asked = None  # as older versions wrote it
     state.save(settings, rec)
     assert state.load(settings, "tun0").asked() is None  # type: ignore[union-attr]
     lifecycle.ensure_group(settings, "tun0", exact=True)  # same routing: joined
     with pytest.raises(ViaTunnelError, match="other routing options"):
         lifecycle.ensure_group(settings, "tun0", dns=("198.51.100.53",), exact=True)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_group_with_other_options_but_no_member_left_is_replaced(
+        settings: Settings, fake: FakeKernel, exact: bool) -> None:  # noqa: F811
+    """Its last member exited and its watcher has not torn it down yet: a run with other
+    options gets a new group with its own, instead of a refusal about programs that no
+    longer run (`via-tunnel X -- a; via-tunnel --dns D X -- b` in a script)."""
+    old = lifecycle.ensure_group(settings, "tun0")
+    new = lifecycle.ensure_group(settings, "tun0", dns=("198.51.100.53",), exact=exact)
+    assert new.dns4 == "198.51.100.53" and new.created >= old.created
+    assert state.load(settings, "tun0").dns4 == "198.51.100.53"  # type: ignore[union-attr]

@@ -548,3 +548,22 @@ def test_a_flow_of_an_ended_group_is_not_inherited_by_a_program_in_no_group(
     finally:
         holder.terminate()
         holder.wait(timeout=5)
+
+
+def test_a_run_with_other_options_replaces_a_group_whose_last_member_just_exited(
+        lab: Lab, vt_env: dict[str, str], clean: None) -> None:
+    """`via-tunnel vlan3 -- a; via-tunnel --ipv6 block vlan3 -- b`: the first group's last
+    member is gone but its watcher has not torn it down yet (held still here: SIGSTOP).
+    The second run gets a group with its own options, not "already in use"."""
+    holder = via_popen(lab, vt_env, "vlan3", "--", "sleep", "30")
+    groups = wait_for(lambda: status(lab, vt_env), timeout=5, what="group")
+    watcher = int(groups[0]["watcher"])
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        holder.kill()
+        holder.wait(timeout=5)
+        r = via(lab, vt_env, "--ipv6", "block", "vlan3", "--", "true", check=False)
+        assert r.returncode == 0, r.stderr
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    wait_for(lambda: not status(lab, vt_env), timeout=5, what="the group to end")

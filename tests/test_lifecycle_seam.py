@@ -329,6 +329,7 @@ def test_setup_writes_the_record_first_and_marks_it_ready_last(
 def test_a_joiner_gets_the_existing_group_without_touching_the_kernel(
         settings: Settings, fake: FakeKernel) -> None:
     first = lifecycle.ensure_group(settings, "tun0")
+    fake.populated_groups.add(first.cgroup)  # a member runs in it
     fake.log.clear()
     again = lifecycle.ensure_group(settings, "tun0")
     assert again.slot == first.slot and fake.log == []

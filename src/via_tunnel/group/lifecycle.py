@@ -68,12 +68,19 @@ def ensure_group(
         if rec.ready and not rec.usable() and placement.in_use(settings, rec):
             _revive(settings, rec, first_pid)  # its cgroup2 group is gone, not its members
         if rec.usable():
-            if exact:
-                check_same(rec, gateway=gateway, ipv6=ipv6, dns=dns)
-            else:
-                check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
-            return rec
-        teardown(settings, rec)  # a crash left it stale or half-built: start clean
+            try:
+                if exact:
+                    check_same(rec, gateway=gateway, ipv6=ipv6, dns=dns)
+                else:
+                    check_compatible(rec, gateway=gateway, ipv6=ipv6, dns=dns)
+                return rec
+            except ViaTunnelError:
+                # Other options, but no member left: its last one just exited and the
+                # watcher has not torn it down yet (`via-tunnel X -- a; via-tunnel --dns D
+                # X -- b` in a script). Its options bind nobody: replace it.
+                if placement.in_use(settings, rec):
+                    raise
+        teardown(settings, rec)  # stale, half-built, or empty with other options
     return _create(settings, iface, gateway=gateway, ipv6=ipv6, dns=dns, first_pid=first_pid)
 
 
