@@ -204,6 +204,9 @@ def test_cgroup2_verdicts() -> None:
     assert c.status == OK and "/sys/fs/cgroup," in c.detail and "pure v2" in c.detail
     c = cgroup2_verdict(HYBRID)
     assert c.status == OK and "/sys/fs/cgroup/unified" in c.detail and "hybrid" in c.detail
+    ours = "40 24 0:40 / /run/via-tunnel/net_cls rw,nosuid - cgroup via-tunnel rw,net_cls"
+    c = cgroup2_verdict([*PURE_V2, ours])  # our own net_cls mount, while groups run
+    assert c.status == OK and "pure v2" in c.detail
     c = cgroup2_verdict(HYBRID[:1])
     assert c.status == FAIL and c.fix and "mount" in c.fix
     c = cgroup2_verdict(["30 1 0:25 / /mnt/cg rw - cgroup2 cgroup2 rw"])
