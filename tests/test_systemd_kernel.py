@@ -555,8 +555,13 @@ def test_the_daemon_goes_away_and_back_with_programs_running(env: Env, how: str)
         assert after not in (0, before)
         assert prober.returncode is None, "the program did not survive"
         assert prober.ask() == TUN_ADDR
-        group = next(g for g in status_json(box)["groups"] if g["interface"] == IFACE)
-        assert group["watcher"] == after, f"group not adopted by the new daemon: {group}"
+
+        def adopted() -> dict[str, Any]:  # (Type=simple: `systemctl restart` returns
+            group = next(g for g in status_json(box)["groups"]  # before the new daemon
+                         if g["interface"] == IFACE)          # has read the records)
+            return group if group["watcher"] == after else {}
+
+        group = wait_for(adopted, what=f"the group adopted by the new daemon {after}")
         assert prober.pid in [m["pid"] for m in group["members"]]
         warnings = [line for line in box.journal(after=cursor).splitlines()
                     if any(w in line for w in PID1_WARNINGS)]
